@@ -1,0 +1,65 @@
+"""Packaging for tnl-model.
+
+The three source folders are installed under import names that cannot collide
+with other distributions (DESIGN.md section 1): ``kernels/`` -> ``tnl_kernels``
+(Hugging Face ships a distribution importable as ``kernels``) and ``training/`` ->
+``tnl_training``. Subpackages are discovered, never listed by hand, so a new
+folder can't silently fall out of the wheel.
+"""
+
+from setuptools import find_packages, setup
+
+FOLDER_OF_PACKAGE = {"tnl_model": "tnl_model", "tnl_kernels": "kernels", "tnl_training": "training"}
+
+
+def discover_packages():
+    """Every package and subpackage under the three folders, with its folder mapping."""
+    packages, package_dir = [], {}
+    for name, folder in FOLDER_OF_PACKAGE.items():
+        packages.append(name)
+        package_dir[name] = folder
+        for sub in find_packages(where=folder):
+            packages.append(f"{name}.{sub}")
+            package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
+    return packages, package_dir
+
+
+packages, package_dir = discover_packages()
+
+setup(
+    name="tnl-model",
+    version="0.1.0",
+    description="Hybrid lightning-attention Mixture-of-Experts language models (TransNormer / MiniMax-Text-01 family) "
+    "for Hugging Face transformers, with Triton kernels and DeepSpeed ZeRO pretraining",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    include_package_data=True,
+    package_data={"tnl_training": ["*.yaml"]},
+    install_requires=[
+        # torch is declared loosely so that an existing install (CPU or CUDA) is kept.
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=5.24,<6",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.21",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.16,<1", "matplotlib>=3.7", "tensorboard>=2.14"],
+        "gpu": ["flash-attn>=2.6"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "accelerate>=1.0", "peft>=0.13"],
+    },
+    entry_points={"console_scripts": ["tnl=tnl_model.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

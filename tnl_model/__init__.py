@@ -1,0 +1,1 @@
+"""tnl_model: the TNL hybrid lightning-attention MoE model for Hugging Face transformers."""
