@@ -7,6 +7,7 @@ reference forms (:mod:`tnl_kernels.reference`) every path is tested against.
 from . import reference
 from .api import lightning_attn, lightning_attn_decode
 from .chunked import default_block_size
+from .moe_dispatch import moe_dispatch
 from .slopes import alibi_base_slopes, build_slopes
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "alibi_base_slopes",
     "default_block_size",
     "reference",
+    "moe_dispatch",
 ]

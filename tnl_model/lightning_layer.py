@@ -1,0 +1,89 @@
+"""The lightning-attention layer (DESIGN.md 3.2, MiniMax-Text-01 form by default)::
+
+    qkv = SiLU(x W_qkv^T)          rows per head laid out [q_h | k_h | v_h]
+    o   = lightning_attn(q, k, v, s)
+    y   = RMSNorm_{H*d}(concat_h o)
+    y   = sigmoid(x W_gate^T) * y
+    out = y W_out^T
+
+Prefill and any continuation run the chunked operator seeded with the cached
+state; a single new token runs the recurrent decode step. Padded positions get
+zero k and v, so they never enter the state.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tnl_kernels import build_slopes, lightning_attn, lightning_attn_decode
+
+from .cache_glue import get_linear_state, mark_linear_state_updated, set_linear_state
+from .norms import RMSNorm, SimpleRMSNorm
+
+
+class TNLLightningAttention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.backend = config.lightning_backend
+        inner = self.num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * inner, bias=False)
+        self.output_gate = nn.Linear(config.hidden_size, inner, bias=False)
+        self.out_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        norm_class = RMSNorm if config.linear_attn_norm == "rmsnorm" else SimpleRMSNorm
+        self.norm = norm_class(inner, eps=config.linear_attn_norm_eps)
+        self.sigmoid_gate = config.linear_attn_gate == "sigmoid"
+        self.activate_values = config.linear_attn_activation_on == "qkv"
+        self.num_layers = config.num_hidden_layers
+        # Decay rates are a pure function of the config: built lazily in fp32 per device, never in
+        # the state dict, and out of reach of `nn.Module.to()` so bf16 models keep exact fp32 decays
+        # (a buffer would also be left on the meta device by meta-device instantiation).
+        self._slopes_by_device: dict[torch.device, torch.Tensor] = {}
+
+    def slopes(self, device: torch.device) -> torch.Tensor:
+        if device not in self._slopes_by_device:
+            self._slopes_by_device[device] = build_slopes(self.num_heads, self.layer_idx, self.num_layers, device=device)
+        return self._slopes_by_device[device]
+
+    def _project_qkv(self, x: torch.Tensor, token_mask: torch.Tensor | None):
+        batch, length, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, length, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        q, k = F.silu(q), F.silu(k)
+        if self.activate_values:
+            v = F.silu(v)
+        if token_mask is not None:
+            keep = token_mask[:, :, None, None].to(k.dtype)
+            k, v = k * keep, v * keep
+        return q, k, v
+
+    def forward(self, x, token_mask=None, cache=None, cu_seqlens=None, **unused):
+        """x ``[B, T, hidden]``; token_mask ``[B, T]`` (1 = real token) or None."""
+        batch, length, _ = x.shape
+        q, k, v = self._project_qkv(x, token_mask)
+        slopes = self.slopes(x.device)
+        state = get_linear_state(cache, self.layer_idx)
+        if state is not None and length == 1 and cu_seqlens is None:
+            if torch.is_grad_enabled():
+                state = state.clone()  # keep the cached tensor out of any autograd graph
+            out = lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state, backend=self.backend).unsqueeze(1)
+            if torch.is_grad_enabled():
+                set_linear_state(cache, self.layer_idx, state)
+            else:
+                mark_linear_state_updated(cache, self.layer_idx)
+        else:
+            out, final_state = lightning_attn(
+                q, k, v, slopes,
+                initial_state=state,
+                output_final_state=cache is not None,
+                cu_seqlens=cu_seqlens,
+                backend=self.backend,
+            )
+            if cache is not None:
+                set_linear_state(cache, self.layer_idx, final_state)
+        y = self.norm(out.reshape(batch, length, self.num_heads * self.head_dim))
+        gate = self.output_gate(x)
+        y = (torch.sigmoid(gate) if self.sigmoid_gate else gate) * y
+        return self.out_proj(y), None

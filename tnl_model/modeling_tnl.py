@@ -1,0 +1,304 @@
+"""TNL model classes for transformers: ``TNLModel`` and ``TNLForCausalLM`` (DESIGN.md 3.5, 5).
+
+A decoder whose layers are lightning-attention (``"linear_attention"``) or softmax
+(``"full_attention"``) token mixers followed by a routed-MoE or dense FFN, in
+MiniMax post-norm form or TransNormerLLM pre-norm form. Generation uses
+transformers' hybrid ``DynamicCache(config=...)``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+from .cache_glue import add_seen_tokens, past_length
+from .configuration_tnl import FULL, LINEAR, TNLConfig
+from .lightning_layer import TNLLightningAttention
+from .moe import TNLDenseMLP, TNLExperts, TNLRouter, TNLSparseMoeBlock, load_balancing_loss, router_z_loss
+from .norms import RMSNorm
+from .rotary import PartialRotaryEmbedding
+from .softmax_attention import TNLSoftmaxAttention, document_ids
+
+
+@dataclass
+class TNLCausalLMOutput(MoeCausalLMOutputWithPast):
+    """``loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss``."""
+
+    lm_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+class TNLDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: TNLConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == LINEAR:
+            self.self_attn = TNLLightningAttention(config, layer_idx)
+            self.attn_alpha, self.attn_beta = config.linear_attn_alpha_factor, config.linear_attn_beta_factor
+        else:
+            self.self_attn = TNLSoftmaxAttention(config, layer_idx)
+            self.attn_alpha, self.attn_beta = config.full_attn_alpha_factor, config.full_attn_beta_factor
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.mlp_layer_types[layer_idx] == "sparse":
+            self.mlp = TNLSparseMoeBlock(config)
+        else:
+            self.mlp = TNLDenseMLP(config.hidden_size, config.dense_intermediate_size)
+        self.mlp_alpha, self.mlp_beta = config.mlp_alpha_factor, config.mlp_beta_factor
+        self.postnorm = config.postnorm
+
+    def forward(self, hidden, token_mask=None, key_mask=None, cache=None, cu_seqlens=None, rotary=None,
+                output_attentions=False):
+        normed = self.input_layernorm(hidden)
+        mixed, attn_weights = self.self_attn(normed, token_mask=token_mask, key_mask=key_mask, cache=cache,
+                                             cu_seqlens=cu_seqlens, rotary=rotary, output_attentions=output_attentions)
+        # Post-norm (MiniMax): the residual branch carries the normalised input, scaled by alpha.
+        residual = normed if self.postnorm else hidden
+        hidden = residual * self.attn_alpha + mixed * self.attn_beta
+        normed = self.post_attention_layernorm(hidden)
+        ffn_out, router_logits = self.mlp(normed)
+        residual = normed if self.postnorm else hidden
+        hidden = residual * self.mlp_alpha + ffn_out * self.mlp_beta
+        return hidden, router_logits, attn_weights
+
+
+class TNLPreTrainedModel(PreTrainedModel):
+    config: TNLConfig
+    config_class = TNLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TNLDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _can_compile_fullgraph = False
+    _keys_to_ignore_on_load_unexpected = [r"\.slope_rate$", r"\.query_decay$", r"\.key_decay$", r"\.diagonal_decay$"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, TNLExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TNLRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty: give at least one token (e.g. the BOS token) to run the model")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}) of this model; "
+                         "check that the tokenizer matches the model")
+
+
+def _positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Left padding: the first real token of each row gets position 0 (as generate() does)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -length:]
+
+
+def _positions_in_documents(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    docs = document_ids(cu_seqlens, length)
+    return (torch.arange(length, device=cu_seqlens.device) - cu_seqlens[docs]).unsqueeze(0)
+
+
+class TNLModel(TNLPreTrainedModel):
+    def __init__(self, config: TNLConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(TNLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = PartialRotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.has_softmax_layers = FULL in config.layer_types
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, cu_seqlens=None,
+                prefill_chunk_size=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            _check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if length == 0:
+            raise ValueError("the input is empty (sequence length 0): give at least one token")
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputation would write the cache twice
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        if cu_seqlens is not None and (batch != 1 or cache is not None):
+            raise ValueError("cu_seqlens (packed documents) needs a batch of 1 and use_cache=False")
+        past = past_length(cache, self.config.layer_types)
+        attention_mask = self._check_attention_mask(attention_mask, batch, past, length)
+
+        chunk = prefill_chunk_size or self.config.prefill_chunk_size
+        if cache is not None and chunk and length > chunk:
+            return self._chunked_prefill(inputs_embeds, attention_mask, position_ids, cache, chunk,
+                                         output_attentions, output_hidden_states)
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = _positions_in_documents(cu_seqlens, length)
+            elif attention_mask is not None:
+                position_ids = _positions_from_mask(attention_mask, length)
+            else:
+                position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
+        rotary = None
+        if self.has_softmax_layers:
+            self._check_positions(position_ids)
+            rotary = self.rotary(position_ids.expand(batch, -1), inputs_embeds.dtype)
+
+        token_mask = attention_mask[:, -length:] if attention_mask is not None else None
+        hidden = inputs_embeds
+        all_hidden, all_attn, router_logits = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden, layer_router_logits, attn_weights = layer(
+                hidden, token_mask=token_mask, key_mask=attention_mask, cache=cache, cu_seqlens=cu_seqlens,
+                rotary=rotary, output_attentions=output_attentions)
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
+            if output_attentions and attn_weights is not None:
+                all_attn.append(attn_weights)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        add_seen_tokens(cache, length)
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            router_logits=tuple(router_logits),
+        )
+
+    def _check_attention_mask(self, attention_mask, batch, past, length):
+        """2-D ``[B, past+T]`` masks only; an all-ones mask is dropped so the fast unpadded paths run."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != past + length:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, past + new tokens] = [{batch}, {past + length}], "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if bool(attention_mask.all()):
+            return None
+        return attention_mask
+
+    def _check_positions(self, position_ids):
+        limit = self.config.max_position_embeddings
+        if int(position_ids.max()) >= limit:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of the softmax layers; "
+                "shorten the input or raise max_position_embeddings in the config"
+            )
+
+    def _chunked_prefill(self, inputs_embeds, attention_mask, position_ids, cache, chunk, output_attentions,
+                         output_hidden_states):
+        """Feed a long prompt through the cache ``chunk`` tokens at a time: same result as one pass,
+        activation memory bounded by the chunk."""
+        if output_attentions or output_hidden_states:
+            raise ValueError("output_attentions/output_hidden_states are not available with chunked prefill")
+        length = inputs_embeds.shape[1]
+        start_past = past_length(cache, self.config.layer_types)
+        pieces, router_logits = [], []
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            out = self.forward(
+                inputs_embeds=inputs_embeds[:, start:stop],
+                attention_mask=None if attention_mask is None else attention_mask[:, : start_past + stop],
+                position_ids=None if position_ids is None else position_ids[:, start:stop],
+                cache=cache, use_cache=True, prefill_chunk_size=length + 1,
+            )
+            pieces.append(out.last_hidden_state)
+            router_logits.append(out.router_logits)
+        merged_router = tuple(torch.cat(per_layer, dim=0) for per_layer in zip(*router_logits))
+        return MoeModelOutputWithPast(last_hidden_state=torch.cat(pieces, dim=1), cache=cache,
+                                      router_logits=merged_router)
+
+
+class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TNLConfig):
+        super().__init__(config)
+        self.model = TNLModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                output_router_logits=None, logits_to_keep=0, cu_seqlens=None, return_dict=None, **kwargs):
+        output_router_logits = (output_router_logits if output_router_logits is not None
+                                else self.config.output_router_logits)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=kwargs.pop("past_key_values", cache), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
+                             prefill_chunk_size=kwargs.pop("prefill_chunk_size", None))
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+
+        loss = lm_loss = aux_loss = z_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = lm_loss
+        if outputs.router_logits and (labels is not None or output_router_logits):
+            # The aux loss only counts real tokens; the mask covers the current tokens only.
+            length = outputs.last_hidden_state.shape[1]
+            token_mask = None if attention_mask is None else attention_mask[:, -length:]
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask)
+            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+                if self.config.router_z_loss_coef > 0:
+                    loss = loss + self.config.router_z_loss_coef * z_loss
+        result = TNLCausalLMOutput(
+            loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, router_logits=outputs.router_logits if output_router_logits else None,
+            lm_loss=lm_loss, z_loss=z_loss,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+
+__all__ = ["TNLPreTrainedModel", "TNLModel", "TNLForCausalLM", "TNLCausalLMOutput", "TNLDecoderLayer",
+           "TNLLightningAttention"]
