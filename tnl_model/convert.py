@@ -1,0 +1,99 @@
+"""Convert checkpoints between the MiniMax-Text-01 format and TNL.
+
+    python -m tnl_model.convert from-minimax SRC DST
+    python -m tnl_model.convert to-minimax SRC DST
+
+SRC and DST are directories. Only safetensors are read or written. Tokenizer and
+generation-config files are copied along. The model is never instantiated, so
+conversion of a full-size checkpoint needs memory for one layer's experts only.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .checkpoint_io import CheckpointError, SafetensorsDirectory, write_sharded
+from .configuration_tnl import TNLConfig
+from .minimax_format import config_from_minimax, config_to_minimax, tensors_from_minimax, tensors_to_minimax
+
+# Files copied unchanged from SRC to DST when present.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "generation_config.json", "vocab.json", "merges.txt")
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory} has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def _write_config(dst: Path, config_dict: dict) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+
+
+def from_minimax(src: str | Path, dst: str | Path) -> TNLConfig:
+    """MiniMax-Text-01 (original or transformers-saved) directory -> TNL directory."""
+    src, dst = Path(src), Path(dst)
+    raw = _read_config(src)
+    if raw.get("model_type") not in (None, "minimax", "minimax_text_01", "MiniMaxText01"):
+        raise CheckpointError(f"{src}/config.json has model_type {raw.get('model_type')!r}, not a MiniMax config")
+    config = config_from_minimax(raw)
+    config.architectures = ["TNLForCausalLM"]
+    source = SafetensorsDirectory(src)
+    write_sharded(tensors_from_minimax(source, config), dst)
+    config.save_pretrained(dst)
+    _copy_side_files(src, dst)
+    return config
+
+
+def to_minimax(src: str | Path, dst: str | Path) -> dict:
+    """TNL directory -> MiniMax-format directory loadable by transformers' MiniMaxForCausalLM."""
+    src, dst = Path(src), Path(dst)
+    config = TNLConfig.from_pretrained(src)
+    minimax_config = config_to_minimax(config)
+    source = SafetensorsDirectory(src)
+    write_sharded(tensors_to_minimax(source, config), dst)
+    _write_config(dst, minimax_config)
+    _copy_side_files(src, dst)
+    return minimax_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tnl_model.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("direction", choices=["from-minimax", "to-minimax"])
+    parser.add_argument("src", help="source checkpoint directory")
+    parser.add_argument("dst", help="destination directory (created)")
+    args = parser.parse_args(argv)
+    try:
+        if args.direction == "from-minimax":
+            config = from_minimax(args.src, args.dst)
+            print(f"wrote TNL checkpoint to {args.dst} ({config.num_hidden_layers} layers, "
+                  f"{config.layer_types.count('full_attention')} softmax)")
+        else:
+            minimax_config = to_minimax(args.src, args.dst)
+            if minimax_config["rotary_dim"] != minimax_config["head_dim"]:
+                print("note: rotary_dim < head_dim; transformers' MiniMaxForCausalLM ignores rotary_dim and rotates "
+                      "every dim, so only engines that read rotary_dim (the original code, vLLM) reproduce this model")
+            print(f"wrote MiniMax checkpoint to {args.dst}")
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
