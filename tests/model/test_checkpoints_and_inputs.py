@@ -1,0 +1,99 @@
+"""save_pretrained / from_pretrained round trips, dtype handling, and clear errors on bad input."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForCausalLM
+
+import tnl_model  # noqa: F401
+from tnl_model import TNLForCausalLM, TNLModel
+from tnl_model.checkpoint_io import CheckpointError, SafetensorsDirectory
+from tnl_model.testing import build_model, random_ids, tiny_config
+
+
+@torch.no_grad()
+def test_save_then_auto_load_is_bit_exact(tmp_path):
+    model = build_model(tiny_config(shared_intermediate_size=16))
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" in files and "config.json" in files and not [f for f in files if f.endswith(".bin")]
+    keys = set(safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
+    assert not [k for k in keys if "slope" in k or "decay" in k]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, TNLForCausalLM)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = random_ids(2, 33)
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), TNLModel)
+
+
+@torch.no_grad()
+def test_bf16_load_keeps_decays_and_state_in_fp32(tmp_path):
+    build_model(tiny_config()).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    out = model(random_ids(1, 9), use_cache=True)
+    assert out.cache.layers[0].recurrent_states[0].dtype == torch.float32
+    assert model.model.layers[0].self_attn.slopes(torch.device("cpu")).dtype == torch.float32
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config()
+    ids = random_ids(2, 20)
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(config).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_loss_includes_aux_and_z_terms():
+    model = build_model(tiny_config(router_z_loss_coef=0.01)).train()
+    ids = random_ids(2, 16)
+    out = model(ids, labels=ids)
+    expected = out.lm_loss + 0.001 * out.aux_loss + 0.01 * out.z_loss
+    torch.testing.assert_close(out.loss, expected)
+    assert out.aux_loss > 0 and out.z_loss > 0
+    out.loss.backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [97, 500, -1])
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(bad):
+    model = build_model(tiny_config())
+    ids = random_ids(1, 5)
+    ids[0, 2] = bad
+    with pytest.raises(ValueError, match=f"token id {bad}.*vocabulary"):
+        model(ids)
+
+
+def test_empty_prompt_and_bad_mask_are_clear_errors():
+    model = build_model(tiny_config())
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must be 2-D"):
+        model(random_ids(2, 5), attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        build_model(tiny_config(max_position_embeddings=16))(random_ids(1, 17))
+
+
+def test_pickle_only_directory_is_refused(tmp_path):
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        SafetensorsDirectory(tmp_path)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    build_model(tiny_config()).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt|unreadable"):
+        reader = SafetensorsDirectory(tmp_path)
+        for key in reader.keys():
+            reader.get(key)
