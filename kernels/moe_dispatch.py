@@ -2,12 +2,17 @@
 
 Token-expert assignments are sorted by expert so each expert runs one dense
 matmul on a contiguous slice; nothing is dropped and no capacity factor exists.
+The expert matmuls run as one grouped GEMM (``torch.nn.functional.grouped_mm``)
+when the device, dtype and row alignment allow it, else as a loop over the
+non-empty experts; both give the same result.
 Expert weights are stacked (``gate_up [E, 2I, D]`` gate rows first, ``down
 [E, D, I]``) so grouped GEMM and expert parallelism can slice them.
 """
 
 import torch
 from torch.nn import functional as F
+
+IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 
 
 def sort_by_expert(topk_index: torch.Tensor, num_experts: int):
@@ -35,16 +40,46 @@ def expert_ffn_loop(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.T
     return torch.cat(outputs, dim=0)
 
 
-def moe_dispatch(hidden, gate_up, down, topk_index, topk_weight):
+def grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """grouped_mm needs matching dtypes it implements and rows aligned to 16 bytes."""
+    if not hasattr(F, "grouped_mm") or not (x.dtype == gate_up.dtype == down.dtype):
+        return False
+    if x.device.type == "cpu":
+        dtype_ok = x.dtype in (torch.float32, torch.bfloat16)
+    else:
+        dtype_ok = x.dtype == torch.bfloat16 and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    alignment = 16 // x.element_size()
+    dims_aligned = all(dim % alignment == 0 for dim in (down.shape[1], down.shape[2]))
+    return dtype_ok and dims_aligned
+
+
+def expert_ffn_grouped(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """All experts in two grouped GEMMs over the expert-sorted tokens (no host sync on counts)."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(x_sorted, gate_up.transpose(-1, -2), offs=offsets).chunk(2, dim=-1)
+    hidden = (F.silu(gate) * up).contiguous()
+    return F.grouped_mm(hidden, down.transpose(-1, -2), offs=offsets)
+
+
+def moe_dispatch(hidden, gate_up, down, topk_index, topk_weight, impl: str = "auto"):
     """Weighted sum over each token's top-k experts.
 
     hidden ``[N, D]``; topk_index/topk_weight ``[N, k]``. Returns ``[N, D]`` in hidden's dtype.
+    ``impl``: ``"grouped_mm"``, ``"loop"`` or ``"auto"`` (grouped_mm where supported).
     """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     num_tokens, top_k = topk_index.shape
     order, counts = sort_by_expert(topk_index, gate_up.shape[0])
     token_of_row = order // top_k
     x_sorted = hidden[token_of_row]
-    y_sorted = expert_ffn_loop(x_sorted, gate_up, down, counts.tolist())
+    use_grouped = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(hidden, gate_up, down))
+    if impl == "grouped_mm" and not grouped_mm_supported(hidden, gate_up, down):
+        raise ValueError(f"grouped_mm does not support {hidden.dtype} on {hidden.device} with these expert sizes")
+    if use_grouped:
+        y_sorted = expert_ffn_grouped(x_sorted, gate_up, down, counts)
+    else:
+        y_sorted = expert_ffn_loop(x_sorted, gate_up, down, counts.tolist())
     y_sorted = y_sorted * topk_weight.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
     out = hidden.new_zeros(num_tokens, down.shape[1])
     return out.index_add_(0, token_of_row, y_sorted.to(out.dtype))

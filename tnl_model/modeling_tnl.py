@@ -6,6 +6,7 @@ MiniMax post-norm form or TransNormerLLM pre-norm form. Generation uses
 transformers' hybrid ``DynamicCache(config=...)``.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,9 @@ class TNLModel(TNLPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, cu_seqlens=None,
-                prefill_chunk_size=None, **kwargs):
+                prefill_chunk_size=None, keep_last=0, **kwargs):
+        """``keep_last > 0`` lets a chunked prefill return only the last ``keep_last`` hidden states and no
+        router logits, so its memory does not grow with the prompt (generate() needs the last position only)."""
         cache = kwargs.pop("past_key_values", cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
@@ -155,7 +158,7 @@ class TNLModel(TNLPreTrainedModel):
 
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
         if cache is not None and chunk and length > chunk:
-            return self._chunked_prefill(inputs_embeds, attention_mask, position_ids, cache, chunk,
+            return self._chunked_prefill(inputs_embeds, attention_mask, position_ids, cache, chunk, keep_last,
                                          output_attentions, output_hidden_states)
         if position_ids is None:
             if cu_seqlens is not None:
@@ -215,10 +218,10 @@ class TNLModel(TNLPreTrainedModel):
                 "shorten the input or raise max_position_embeddings in the config"
             )
 
-    def _chunked_prefill(self, inputs_embeds, attention_mask, position_ids, cache, chunk, output_attentions,
-                         output_hidden_states):
+    def _chunked_prefill(self, inputs_embeds, attention_mask, position_ids, cache, chunk, keep_last,
+                         output_attentions, output_hidden_states):
         """Feed a long prompt through the cache ``chunk`` tokens at a time: same result as one pass,
-        activation memory bounded by the chunk."""
+        activation memory bounded by the chunk (plus what the caller asks to keep)."""
         if output_attentions or output_hidden_states:
             raise ValueError("output_attentions/output_hidden_states are not available with chunked prefill")
         length = inputs_embeds.shape[1]
@@ -232,11 +235,16 @@ class TNLModel(TNLPreTrainedModel):
                 position_ids=None if position_ids is None else position_ids[:, start:stop],
                 cache=cache, use_cache=True, prefill_chunk_size=length + 1,
             )
-            pieces.append(out.last_hidden_state)
-            router_logits.append(out.router_logits)
+            if not keep_last:
+                pieces.append(out.last_hidden_state)
+                router_logits.append(out.router_logits)
+            elif stop > length - keep_last:
+                pieces.append(out.last_hidden_state)
+        hidden = torch.cat(pieces, dim=1)
+        if keep_last:
+            return MoeModelOutputWithPast(last_hidden_state=hidden[:, -keep_last:], cache=cache, router_logits=())
         merged_router = tuple(torch.cat(per_layer, dim=0) for per_layer in zip(*router_logits))
-        return MoeModelOutputWithPast(last_hidden_state=torch.cat(pieces, dim=1), cache=cache,
-                                      router_logits=merged_router)
+        return MoeModelOutputWithPast(last_hidden_state=hidden, cache=cache, router_logits=merged_router)
 
 
 class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
@@ -258,6 +266,19 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        """Run generate()'s ``prefill_chunk_size`` through the model's own chunked prefill.
+
+        transformers' generic chunked prefill asks the cache for its length, which an all-linear
+        cache cannot answer; the model's chunking gives the same result for every layer layout.
+        """
+        chunk = generation_config.prefill_chunk_size
+        if chunk is not None:
+            generation_config = copy.copy(generation_config)
+            generation_config.prefill_chunk_size = None
+            model_kwargs = {**model_kwargs, "prefill_chunk_size": chunk}
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
@@ -266,13 +287,15 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
                 output_router_logits=None, logits_to_keep=0, cu_seqlens=None, return_dict=None, **kwargs):
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else self.config.output_router_logits)
+        # When only the last logits are wanted (generate), a chunked prefill keeps only those positions.
+        keep_last = logits_to_keep if isinstance(logits_to_keep, int) and labels is None and not output_router_logits else 0
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=kwargs.pop("past_key_values", cache), inputs_embeds=inputs_embeds,
                              use_cache=use_cache, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
-                             prefill_chunk_size=kwargs.pop("prefill_chunk_size", None))
+                             prefill_chunk_size=kwargs.pop("prefill_chunk_size", None), keep_last=keep_last)
         hidden = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+        if isinstance(logits_to_keep, int) and 0 < logits_to_keep < hidden.shape[1]:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
