@@ -1,0 +1,312 @@
+"""TNL vs transformers' MiniMaxForCausalLM on the same weights (issue: performance and long context).
+
+Builds a MiniMax-shaped model in transformers (layer 0 linear, softmax every 8th layer,
+power-of-two heads, full rotary, so both compute the same function), converts it with
+``from-minimax``, checks that the logits agree, then times both in the same process,
+interleaved, taking medians:
+
+* prefill (no grad, cache on, last logits only) at several T
+* continuation: a 2K-token second chunk after a 2K prompt, through the cache
+* decode: ms per token at several context lengths
+* training step (forward + backward with labels): tokens/s
+* the lightning operator alone: ``lightning_attn(backend="torch")`` vs a block loop of the
+  same math with block 256 and autograd (the algorithm transformers and the original code use)
+* where the time goes per layer type (forward hooks), for both models
+
+    python benchmarks/bench_vs_minimax.py            # full CPU run, ~10 minutes on 2 cores
+    python benchmarks/bench_vs_minimax.py --quick    # small sizes, a smoke run
+    python benchmarks/bench_vs_minimax.py --device cuda --dtype bfloat16   # GPU, Triton kernels
+
+Prints tables and writes ``results/bench_vs_minimax[_quick].json`` and ``.png``.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RESULTS, median_time, peak_memory, print_table, synchronize, write_results  # noqa: E402
+
+import tnl_model  # noqa: E402,F401
+from tnl_kernels import build_slopes, lightning_attn  # noqa: E402
+from tnl_kernels.reference import lightning_attn_chunked  # noqa: E402
+from tnl_model.convert import from_minimax  # noqa: E402
+
+FULL = {"prefill": [512, 2048, 8192, 32768], "decode": [1024, 8192, 32768], "continuation": (2048, 2048),
+        "train": 2048, "operator": [8192, 32768]}
+QUICK = {"prefill": [256, 1024], "decode": [256, 1024], "continuation": (256, 256), "train": 256,
+         "operator": [1024, 4096]}
+
+
+def build_models(device, dtype, workdir: Path):
+    layers = 8
+    config = MiniMaxConfig(
+        vocab_size=4096, hidden_size=512, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+        layer_types=["full_attention" if (i + 1) % 8 == 0 else "linear_attention" for i in range(layers)],
+        max_position_embeddings=131072, full_attn_alpha_factor=2.0, linear_attn_alpha_factor=2.0, mlp_alpha_factor=2.0,
+    )
+    torch.manual_seed(0)
+    theirs = MiniMaxForCausalLM(config)
+    theirs.save_pretrained(workdir / "minimax")
+    from_minimax(workdir / "minimax", workdir / "tnl")
+    ours = AutoModelForCausalLM.from_pretrained(workdir / "tnl")
+    theirs = theirs.to(device=device, dtype=dtype).eval()
+    ours = ours.to(device=device, dtype=dtype).eval()
+    return ours, theirs, config
+
+
+def parity(ours, theirs, device) -> float:
+    ids = torch.randint(0, ours.config.vocab_size, (1, 600), device=device)
+    with torch.no_grad():
+        a, b = ours(ids, use_cache=False).logits.float(), theirs(ids, use_cache=False).logits.float()
+    return float((a - b).norm() / b.norm())
+
+
+def timed(fn, device, repeats, warmup):
+    """(median seconds, peak MB over the timed runs)."""
+    peaks = []
+
+    def measured():
+        with peak_memory(device) as mem:
+            fn()
+        peaks.append(mem["peak_mb"])
+
+    seconds = median_time(measured, repeats=repeats, warmup=warmup, device=device)
+    return seconds, max(peaks[warmup:] or peaks)
+
+
+def repeats_for(tokens):
+    return (3, 1) if tokens <= 2048 else ((2, 0) if tokens <= 8192 else (1, 0))
+
+
+def bench_prefill(models, device, lengths):
+    rows = []
+    for length in lengths:
+        ids = torch.randint(0, 4096, (1, length), device=device)
+        repeats, warmup = repeats_for(length)
+        result = {"T": length}
+        for name, model in models.items():  # interleaved per length
+            with torch.no_grad():
+                seconds, peak = timed(lambda: model(ids, use_cache=True, logits_to_keep=1), device, repeats, warmup)
+            result[name] = {"s": seconds, "tok_per_s": length / seconds, "peak_mb": peak}
+        rows.append(result)
+    return rows
+
+
+def bench_continuation(models, device, prompt_len, cont_len):
+    ids = torch.randint(0, 4096, (1, prompt_len + cont_len), device=device)
+    result = {"prompt": prompt_len, "continuation": cont_len}
+    for name, model in models.items():
+        times, peaks = [], []
+        for _ in range(2):
+            with torch.no_grad():
+                cache = model(ids[:, :prompt_len], use_cache=True, logits_to_keep=1).cache
+                synchronize(device)
+                with peak_memory(device) as mem:
+                    start = time.perf_counter()
+                    model(ids[:, prompt_len:], cache=cache, use_cache=True, logits_to_keep=1)
+                    synchronize(device)
+                    times.append(time.perf_counter() - start)
+            peaks.append(mem["peak_mb"])
+        result[name] = {"s": statistics.median(times), "peak_mb": max(peaks)}
+    return result
+
+
+def bench_decode(models, device, contexts, steps=16):
+    rows = []
+    for context in contexts:
+        ids = torch.randint(0, 4096, (1, context + steps), device=device)
+        result = {"context": context}
+        for name, model in models.items():
+            with torch.no_grad():
+                cache = model(ids[:, :context], use_cache=True, logits_to_keep=1).cache
+                per_token = []
+                with peak_memory(device) as mem:
+                    for t in range(context, context + steps):
+                        synchronize(device)
+                        start = time.perf_counter()
+                        model(ids[:, t : t + 1], cache=cache, use_cache=True)
+                        synchronize(device)
+                        per_token.append(time.perf_counter() - start)
+            result[name] = {"ms_per_token": 1e3 * statistics.median(per_token[2:]), "peak_mb": mem["peak_mb"]}
+        rows.append(result)
+    return rows
+
+
+def bench_train(models, device, length):
+    ids = torch.randint(0, 4096, (1, length), device=device)
+    result = {"T": length}
+    for name, model in models.items():
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+
+        seconds, peak = timed(step, device, repeats=3, warmup=1)
+        model.eval()
+        result[name] = {"s": seconds, "tok_per_s": length / seconds, "peak_mb": peak}
+    return result
+
+
+def bench_operator(device, dtype, lengths, heads=8, dim=64):
+    rows = []
+    slopes = build_slopes(heads, 1, 8, device=device)
+    for length in lengths:
+        q, k, v = (torch.randn(1, length, heads, dim, device=device, dtype=dtype) * 0.5 for _ in range(3))
+        ours = lambda q, k, v: lightning_attn(q, k, v, slopes, backend="auto" if device != "cpu" else "torch")[0]  # noqa: E731
+        loop = lambda q, k, v: lightning_attn_chunked(q, k, v, slopes, block_size=256)[0]  # noqa: E731
+        result = {"T": length}
+        for name, fn in (("ours", ours), ("block_loop", loop)):
+            repeats, warmup = (3, 1) if length <= 8192 else (2, 0)
+            with torch.no_grad():
+                fwd, fwd_peak = timed(lambda: fn(q, k, v), device, repeats, warmup)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            grad = torch.randn(1, length, heads, dim, device=device, dtype=dtype)
+            if name == "block_loop" and length > 8192:
+                repeats, warmup = 1, 0  # autograd through the loop is the slow case being measured
+            both, both_peak = timed(lambda: fn(*leaves).backward(grad), device, repeats, warmup)
+            result[name] = {"fwd_s": fwd, "fwd_bwd_s": both, "fwd_peak_mb": fwd_peak, "fwd_bwd_peak_mb": both_peak}
+        rows.append(result)
+    return rows
+
+
+def time_split(model, device, length, classes: dict) -> dict:
+    """Seconds spent per layer type in one no-grad prefill (forward hooks on the mixer and FFN modules)."""
+    spent, started, handles = defaultdict(float), {}, []
+    for module in model.modules():
+        kind = classes.get(type(module).__name__)
+        if kind is None:
+            continue
+
+        def pre(mod, args, kind=kind):
+            synchronize(device)
+            started[id(mod)] = time.perf_counter()
+
+        def post(mod, args, output, kind=kind):
+            synchronize(device)
+            spent[kind] += time.perf_counter() - started.pop(id(mod))
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    ids = torch.randint(0, 4096, (1, length), device=device)
+    with torch.no_grad():
+        synchronize(device)
+        start = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        synchronize(device)
+        total = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    split = {kind: round(seconds, 4) for kind, seconds in spent.items()}
+    split["other"] = round(total - sum(spent.values()), 4)
+    split["total"] = round(total, 4)
+    return split
+
+
+def plot(payload, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    lengths = [r["T"] for r in payload["prefill"]]
+    for name in ("ours", "theirs"):
+        left.plot(lengths, [r[name]["s"] for r in payload["prefill"]], marker="o", label=f"{name} prefill")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("prompt tokens")
+    left.set_ylabel("seconds")
+    left.set_title("prefill, same weights")
+    left.legend()
+    ratios = payload["speedups"]
+    right.barh(list(ratios), list(ratios.values()), color="tab:green")
+    right.axvline(1.0, color="k", lw=0.8)
+    right.set_xscale("log")
+    right.set_xlabel("speed-up of tnl over transformers MiniMax (x)")
+    right.set_title("ratios (>1: tnl faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs, _ = build_models(device, dtype, Path(tmp))
+    error = parity(ours, theirs, device)
+    print(f"logit parity on the same weights: relative error {error:.2e}")
+    models = {"ours": ours, "theirs": theirs}
+
+    payload = {"config": "8 layers (softmax at 7), hidden 512, 8 heads x 64, 8 experts top-2, vocab 4096",
+               "device": device, "dtype": args.dtype, "parity_relative_error": error}
+    payload["prefill"] = bench_prefill(models, device, sizes["prefill"])
+    payload["continuation"] = bench_continuation(models, device, *sizes["continuation"])
+    payload["decode"] = bench_decode(models, device, sizes["decode"])
+    payload["train"] = bench_train(models, device, sizes["train"])
+    payload["operator"] = bench_operator(device, dtype, sizes["operator"])
+    split_length = sizes["prefill"][-2]
+    payload["time_split"] = {
+        "T": split_length,
+        "ours": time_split(ours, device, split_length, {"TNLLightningAttention": "lightning", "TNLSoftmaxAttention": "softmax",
+                                                        "TNLSparseMoeBlock": "moe"}),
+        "theirs": time_split(theirs, device, split_length, {"MiniMaxLightningAttention": "lightning",
+                                                            "MiniMaxAttention": "softmax", "MiniMaxSparseMoeBlock": "moe"}),
+    }
+    speedups = {f"prefill T={r['T']}": r["theirs"]["s"] / r["ours"]["s"] for r in payload["prefill"]}
+    cont = payload["continuation"]
+    speedups[f"continuation {cont['continuation']} after {cont['prompt']}"] = cont["theirs"]["s"] / cont["ours"]["s"]
+    speedups.update({f"decode ctx={r['context']}": r["theirs"]["ms_per_token"] / r["ours"]["ms_per_token"] for r in payload["decode"]})
+    speedups[f"train step T={payload['train']['T']}"] = payload["train"]["ours"]["tok_per_s"] / payload["train"]["theirs"]["tok_per_s"]
+    for r in payload["operator"]:
+        speedups[f"operator fwd T={r['T']}"] = r["block_loop"]["fwd_s"] / r["ours"]["fwd_s"]
+        speedups[f"operator fwd+bwd T={r['T']}"] = r["block_loop"]["fwd_bwd_s"] / r["ours"]["fwd_bwd_s"]
+    payload["speedups"] = speedups
+
+    print_table("prefill (no grad)", ["T", "ours s", "theirs s", "speed-up", "ours MB", "theirs MB"],
+                [[r["T"], r["ours"]["s"], r["theirs"]["s"], r["theirs"]["s"] / r["ours"]["s"], r["ours"]["peak_mb"],
+                  r["theirs"]["peak_mb"]] for r in payload["prefill"]])
+    print_table("continuation through the cache", ["prompt", "new", "ours s", "theirs s", "speed-up"],
+                [[cont["prompt"], cont["continuation"], cont["ours"]["s"], cont["theirs"]["s"], cont["theirs"]["s"] / cont["ours"]["s"]]])
+    print_table("decode", ["context", "ours ms/tok", "theirs ms/tok", "speed-up"],
+                [[r["context"], r["ours"]["ms_per_token"], r["theirs"]["ms_per_token"],
+                  r["theirs"]["ms_per_token"] / r["ours"]["ms_per_token"]] for r in payload["decode"]])
+    train = payload["train"]
+    print_table("training step (fwd+bwd)", ["T", "ours tok/s", "theirs tok/s", "ratio", "ours MB", "theirs MB"],
+                [[train["T"], train["ours"]["tok_per_s"], train["theirs"]["tok_per_s"],
+                  train["ours"]["tok_per_s"] / train["theirs"]["tok_per_s"], train["ours"]["peak_mb"], train["theirs"]["peak_mb"]]])
+    print_table("lightning operator, H=8, D=E=64", ["T", "ours fwd s", "loop fwd s", "ours f+b s", "loop f+b s", "f+b speed-up",
+                                                    "ours f+b MB", "loop f+b MB"],
+                [[r["T"], r["ours"]["fwd_s"], r["block_loop"]["fwd_s"], r["ours"]["fwd_bwd_s"], r["block_loop"]["fwd_bwd_s"],
+                  r["block_loop"]["fwd_bwd_s"] / r["ours"]["fwd_bwd_s"], r["ours"]["fwd_bwd_peak_mb"],
+                  r["block_loop"]["fwd_bwd_peak_mb"]] for r in payload["operator"]])
+    split = payload["time_split"]
+    kinds = ["lightning", "softmax", "moe", "other", "total"]
+    print_table(f"time split of one prefill at T={split['T']} (s)", ["model", *kinds],
+                [[name, *[split[name].get(k, 0.0) for k in kinds]] for name in ("ours", "theirs")])
+
+    suffix = "_quick" if args.quick else ""
+    tag = f"{device}_{args.dtype}{suffix}"
+    out_dir = Path(args.out)
+    path = write_results(f"bench_vs_minimax_{tag}", payload, out_dir)
+    plot(payload, out_dir / f"bench_vs_minimax_{tag}.png")
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
