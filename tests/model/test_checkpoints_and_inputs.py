@@ -31,6 +31,8 @@ def test_save_then_auto_load_is_bit_exact(tmp_path):
 @torch.no_grad()
 def test_bf16_load_keeps_decays_and_state_in_fp32(tmp_path):
     build_model(tiny_config()).save_pretrained(tmp_path)
+    legacy_spelling = AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert legacy_spelling.lm_head.weight.dtype == torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     out = model(random_ids(1, 9), use_cache=True)

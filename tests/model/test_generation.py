@@ -153,3 +153,30 @@ def test_bf16_long_decode_stays_close_to_fp32_twin():
     assert state.dtype == torch.float32
     assert max(errors) < 0.05
     assert last < 3 * first + 5e-3  # no growth with decode length
+
+
+@torch.no_grad()
+def test_packed_documents_equal_each_document_alone():
+    """cu_seqlens: lightning states reset and softmax attention stays inside each document."""
+    model = build(tiny_config())
+    docs = [_ids(1, n, seed=n) for n in (9, 1, 30, 14)]
+    packed = torch.cat(docs, dim=1)
+    bounds = torch.tensor([0, 9, 10, 40, 54], dtype=torch.int32)
+    logits = model(packed, cu_seqlens=bounds, use_cache=False).logits
+    for n, doc in enumerate(docs):
+        alone = model(doc, use_cache=False).logits
+        torch.testing.assert_close(logits[:, int(bounds[n]) : int(bounds[n + 1])], alone, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_output_attentions_uses_eager_softmax_with_the_same_logits():
+    model = build(tiny_config())
+    ids = _ids(2, 12)
+    plain = model(ids, use_cache=False)
+    with_weights = model(ids, use_cache=False, output_attentions=True, output_hidden_states=True)
+    torch.testing.assert_close(with_weights.logits, plain.logits, atol=ATOL, rtol=0)
+    (weights,) = with_weights.attentions  # one softmax layer
+    assert weights.shape == (2, 4, 12, 12)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 12))
+    assert torch.all(weights.triu(1) == 0)  # causal
+    assert len(with_weights.hidden_states) == model.config.num_hidden_layers + 1
