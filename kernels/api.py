@@ -103,7 +103,13 @@ def lightning_attn_decode(q, k, v, slopes, state, *, scale=1.0, backend="auto"):
     slopes = slopes.to(device=q.device, dtype=torch.float32)
     if backend == "triton":
         return _triton_module().lightning_attn_decode_triton(q, k, v, slopes, state, scale=scale)
-    decay = torch.exp(-slopes).view(1, -1, 1, 1)
-    state.mul_(decay).add_(k.float().unsqueeze(-1) * v.float().unsqueeze(-2))
-    out = torch.matmul(q.float().unsqueeze(-2), state).squeeze(-2)
+    batch, heads, dim_k = q.shape
+    dim_v = v.shape[-1]
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous (it is updated in place)")
+    flat_state = state.view(batch * heads, dim_k, dim_v)
+    state.mul_(torch.exp(-slopes).view(1, -1, 1, 1))
+    # S += k^T v, accumulated in place: no [B, H, D, E] temporary per token.
+    flat_state.baddbmm_(k.float().reshape(batch * heads, dim_k, 1), v.float().reshape(batch * heads, 1, dim_v))
+    out = torch.bmm(q.float().reshape(batch * heads, 1, dim_k), flat_state).view(batch, heads, dim_v)
     return (out * scale).to(q.dtype)

@@ -163,7 +163,7 @@ class TNLModel(TNLPreTrainedModel):
         if position_ids is None:
             if cu_seqlens is not None:
                 position_ids = _positions_in_documents(cu_seqlens, length)
-            elif attention_mask is not None:
+            elif attention_mask is not None and self.has_softmax_layers:
                 position_ids = _positions_from_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
@@ -198,7 +198,11 @@ class TNLModel(TNLPreTrainedModel):
         )
 
     def _check_attention_mask(self, attention_mask, batch, past, length):
-        """2-D ``[B, past+T]`` masks only; an all-ones mask is dropped so the fast unpadded paths run."""
+        """2-D ``[B, past+T]`` masks only; an all-ones mask is dropped so the fast unpadded paths run.
+
+        Without softmax layers only the new tokens' columns matter (lightning layers zero k, v at
+        pads), so decode does no work that grows with the context.
+        """
         if attention_mask is None:
             return None
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != past + length:
@@ -206,6 +210,8 @@ class TNLModel(TNLPreTrainedModel):
                 f"attention_mask must be 2-D [batch, past + new tokens] = [{batch}, {past + length}], "
                 f"got shape {tuple(attention_mask.shape)}"
             )
+        if not self.has_softmax_layers:
+            attention_mask = attention_mask[:, -length:]
         if bool(attention_mask.all()):
             return None
         return attention_mask
