@@ -1,0 +1,242 @@
+"""Triton lightning-attention kernels vs the reference forms (DESIGN.md sections 3.1, 4, 7).
+
+On a machine without CUDA every kernel runs on CPU tensors under
+``TRITON_INTERPRET=1`` (set in tests/conftest.py), with fp32 and fp16 operands
+only (the interpreter multiplies bf16 dot operands wrongly); bf16 is checked on
+the GPU only. Every output buffer of the backend starts as NaN during these
+tests, so an element a kernel never writes cannot pass.
+
+Errors are measured as ``max |actual - expected| / max |expected|`` per tensor
+against an fp64 oracle computed from the same (dtype-rounded) inputs.
+"""
+
+import pytest
+import torch
+
+from tnl_kernels import lightning_attn, lightning_attn_decode
+from tnl_kernels import triton_backend
+from tnl_kernels.reference import lightning_attn_chunked, lightning_attn_recurrent
+
+# The one tolerance table: relative (to the tensor's largest magnitude) max error per input dtype.
+# fp32: ~20x the observed error of exact fp32 dots. fp16/bf16: a few unit roundoffs, since the
+# kernels feed the [C, C] scores and the fp32 states to the dots rounded to the input dtype.
+TOLERANCE = {
+    torch.float32: 5e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# Dtypes the interpreter can run; bf16 needs real tensor cores.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(triton_backend, "POISON_OUTPUTS", True)
+
+
+def relative_error(actual, expected):
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten or overflowed)"
+    error = relative_error(actual, expected)
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3e} > {TOLERANCE[dtype]:.1e} ({dtype})"
+
+
+def make_inputs(batch, length, heads, dim_k, dim_v, dtype, *, n_states=None, seed=0):
+    """Realistic magnitudes (unit-variance activations, never zeros); fp32 states and cotangents."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    n_states = batch if n_states is None else n_states
+    inputs = {
+        "q": rand(batch, length, heads, dim_k).to(dtype),
+        "k": rand(batch, length, heads, dim_k).to(dtype),
+        "v": rand(batch, length, heads, dim_v).to(dtype),
+        "state0": rand(n_states, heads, dim_k, dim_v),
+        "grad_out": rand(batch, length, heads, dim_v),
+        "grad_final": rand(n_states, heads, dim_k, dim_v),
+    }
+    return {name: x.to(DEVICE) for name, x in inputs.items()}
+
+
+def run_with_grads(fn, inputs, slopes, *, scale, use_state0, use_final=True, **kwargs):
+    """o, final state and the gradients of <o, grad_out> + <final, grad_final>."""
+    q, k, v, state0 = (inputs[n].detach().clone().requires_grad_() for n in ("q", "k", "v", "state0"))
+    out, final = fn(q, k, v, slopes, scale=scale, initial_state=state0 if use_state0 else None, **kwargs)
+    loss = (out.double() * inputs["grad_out"].double()).sum()
+    if use_final:
+        loss = loss + (final.double() * inputs["grad_final"].double()).sum()
+    loss.backward()
+    return {"o": out, "final": final, "dq": q.grad, "dk": k.grad, "dv": v.grad, "dstate0": state0.grad}
+
+
+def fp64_oracle(inputs, slopes, **kwargs):
+    as64 = {n: x.double() for n, x in inputs.items()}
+    return run_with_grads(lightning_attn_recurrent, as64, slopes.double(), **kwargs)
+
+
+def triton_run(inputs, slopes, **kwargs):
+    return run_with_grads(triton_backend.lightning_attn_triton, inputs, slopes, **kwargs)
+
+
+def assert_all_close(actual, expected, dtype, names=("o", "final", "dq", "dk", "dv", "dstate0")):
+    for name in names:
+        if expected[name] is None:
+            assert actual[name] is None, f"{name}: expected no gradient"
+            continue
+        assert_close(actual[name], expected[name], dtype, name)
+
+
+# T around the chunk (64), far past it, and 1; head dims D and E chosen independently,
+# including the masked-tile sizes 48 and 96; slopes always include 0 (no decay) and a
+# steep one (exp overflows unless the causal mask is applied before exp).
+FORWARD_CASES = [
+    # (T, D, E, slope, dtype, use_state0)
+    (1, 16, 16, 0.5, torch.float32, True),
+    (7, 48, 96, 3.0, torch.float32, True),
+    (63, 64, 48, 4.0, torch.float32, False),
+    (64, 96, 32, 0.05, torch.float32, True),
+    (65, 32, 96, 0.3, torch.float32, True),
+    (200, 48, 48, 1.0, torch.float32, False),
+    (513, 32, 64, 0.02, torch.float32, True),
+    (65, 48, 64, 0.3, torch.float16, True),
+    (200, 96, 48, 0.1, torch.float16, False),
+    (70, 192, 256, 0.2, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("length, dim_k, dim_v, slope, dtype, use_state0", FORWARD_CASES)
+def test_outputs_states_and_gradients_match_fp64_recurrence(length, dim_k, dim_v, slope, dtype, use_state0):
+    inputs = make_inputs(2, length, 2, dim_k, dim_v, dtype, seed=length)
+    slopes = torch.tensor([0.0, slope], device=DEVICE)
+    kwargs = dict(scale=0.7, use_state0=use_state0)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), dtype)
+
+
+@pytest.mark.parametrize("length", [65, 200])
+def test_matches_chunked_reference(length):
+    """The same chunked algorithm in plain torch (fp32, autograd through it)."""
+    inputs = make_inputs(1, length, 2, 48, 32, torch.float32, seed=1)
+    slopes = torch.tensor([0.0, 0.25], device=DEVICE)
+    kwargs = dict(scale=1.0, use_state0=True)
+    expected = run_with_grads(lightning_attn_chunked, inputs, slopes, block_size=64, **kwargs)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), expected, torch.float32)
+
+
+@pytest.mark.parametrize("use_final", [False, True])
+def test_gradient_from_output_only_or_with_final_state(use_final):
+    """final_state unused downstream (no cotangent) vs used: both paths of the backward."""
+    inputs = make_inputs(1, 100, 2, 32, 48, torch.float32, seed=2)
+    slopes = torch.tensor([0.0, 0.2], device=DEVICE)
+    kwargs = dict(scale=1.0, use_state0=True, use_final=use_final)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), torch.float32)
+
+
+def test_gradient_from_final_state_only():
+    inputs = make_inputs(1, 90, 2, 32, 32, torch.float32, seed=3)
+    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+    inputs["grad_out"] = torch.zeros_like(inputs["grad_out"])  # only d(final_state) drives the backward
+    kwargs = dict(scale=1.0, use_state0=True)
+    actual, expected = triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs)
+    assert_all_close(actual, expected, torch.float32, names=("final", "dk", "dv", "dstate0"))
+    assert actual["dq"].abs().max() == 0  # q never reaches the final state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_matches_per_sequence_runs(dtype):
+    """Uneven lengths (one empty, one of exactly a chunk, several crossing chunk borders)."""
+    lengths = [7, 64, 0, 130, 1, 65]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    inputs = make_inputs(1, bounds[-1], 2, 48, 32, dtype, n_states=len(lengths), seed=4)
+    slopes = torch.tensor([0.0, 0.15], device=DEVICE)
+    packed = triton_run(inputs, slopes, scale=1.0, use_state0=True, cu_seqlens=cu_seqlens)
+    for n, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        piece = {name: inputs[name][:, start:stop] for name in ("q", "k", "v", "grad_out")}
+        piece.update({name: inputs[name][n : n + 1] for name in ("state0", "grad_final")})
+        alone = fp64_oracle(piece, slopes, scale=1.0, use_state0=True)
+        for name in ("o", "dq", "dk", "dv"):
+            if stop > start:
+                assert_close(packed[name][:, start:stop], alone[name], dtype, f"sequence {n} {name}")
+        for name in ("final", "dstate0"):
+            assert_close(packed[name][n : n + 1], alone[name], dtype, f"sequence {n} {name}")
+
+
+def test_strided_inputs_from_a_fused_projection():
+    """q, k, v as non-contiguous views of one [B, T, H, 3D] tensor, as the model produces them."""
+    gen = torch.Generator().manual_seed(5)
+    fused = torch.randn(2, 70, 2, 3 * 32, generator=gen).to(DEVICE)
+    q, k, v = fused.split(32, dim=-1)
+    slopes = torch.tensor([0.0, 0.4], device=DEVICE)
+    state0 = torch.randn(2, 2, 32, 32, generator=gen).to(DEVICE)
+    out, final = triton_backend.lightning_attn_triton(q, k, v, slopes, scale=1.0, initial_state=state0)
+    ref_out, ref_final = lightning_attn_recurrent(q.double(), k.double(), v.double(), slopes.double(), initial_state=state0.double())
+    assert_close(out, ref_out, torch.float32, "o")
+    assert_close(final, ref_final, torch.float32, "final")
+
+
+def test_public_api_dispatches_to_triton():
+    inputs = make_inputs(1, 40, 2, 32, 32, torch.float32, seed=6)
+    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+    args = (inputs["q"], inputs["k"], inputs["v"], slopes)
+    kwargs = dict(initial_state=inputs["state0"], output_final_state=True)
+    out, final = lightning_attn(*args, backend="triton", **kwargs)
+    ref_out, ref_final = lightning_attn(*args, backend="torch", **kwargs)
+    assert_close(out, ref_out, torch.float32, "o")
+    assert_close(final, ref_final, torch.float32, "final")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_steps_match_recurrence(dtype):
+    """Many one-token steps, in place on a state that is a strided view (as a cache holds it)."""
+    batch, heads, dim_k, dim_v, steps = 3, 2, 48, 96, 40
+    inputs = make_inputs(batch, steps, heads, dim_k, dim_v, dtype, seed=7)
+    slopes = torch.tensor([0.0, 0.2], device=DEVICE)
+    storage = torch.zeros(batch, heads + 1, dim_k, dim_v, device=DEVICE)
+    state = storage[:, 1:]  # non-contiguous along the head axis
+    state.copy_(inputs["state0"])
+    outputs = [
+        triton_backend.lightning_attn_decode_triton(
+            inputs["q"][:, t], inputs["k"][:, t], inputs["v"][:, t], slopes, state, scale=0.5
+        )
+        for t in range(steps)
+    ]
+    out = torch.stack(outputs, dim=1)
+    ref_out, ref_state = lightning_attn_recurrent(
+        inputs["q"].double(), inputs["k"].double(), inputs["v"].double(), slopes.double(), scale=0.5,
+        initial_state=inputs["state0"].double(),
+    )
+    assert out.dtype == dtype
+    assert_close(out, ref_out, dtype, "decode outputs")
+    assert_close(state, ref_state, torch.float32, "decode state")  # the state is fp32 whatever the inputs
+    assert storage[:, 0].abs().max() == 0, "decode wrote outside its state view"
+
+
+def test_prefill_then_decode_equals_full_forward():
+    batch, heads, dim_k, dim_v, prompt, new = 2, 2, 32, 48, 70, 12
+    inputs = make_inputs(batch, prompt + new, heads, dim_k, dim_v, torch.float32, seed=8)
+    slopes = torch.tensor([0.0, 0.1], device=DEVICE)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    full_out, full_final = lightning_attn(q, k, v, slopes, backend="triton", output_final_state=True)
+    pre_out, state = lightning_attn(q[:, :prompt], k[:, :prompt], v[:, :prompt], slopes, backend="triton", output_final_state=True)
+    steps = [lightning_attn_decode(q[:, t], k[:, t], v[:, t], slopes, state, backend="triton") for t in range(prompt, prompt + new)]
+    joined = torch.cat([pre_out, torch.stack(steps, dim=1)], dim=1)
+    assert_close(joined, full_out, torch.float32, "prefill + decode outputs")
+    assert_close(state, full_final, torch.float32, "state after decode")
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 dots are only trustworthy on a GPU (the interpreter multiplies them wrongly)")
+@pytest.mark.parametrize("length", [65, 1000])
+def test_bf16_on_gpu(length):
+    inputs = make_inputs(2, length, 4, 128, 128, torch.bfloat16, seed=9)
+    slopes = torch.tensor([0.0, 0.01, 0.1, 0.5], device=DEVICE)
+    kwargs = dict(scale=1.0, use_state0=True)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), torch.bfloat16)
