@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 print("note: rotary_dim < head_dim; transformers' MiniMaxForCausalLM ignores rotary_dim and rotates "
                       "every dim, so only engines that read rotary_dim (the original code, vLLM) reproduce this model")
             print(f"wrote MiniMax checkpoint to {args.dst}")
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from .cache_glue import add_seen_tokens, past_length
 from .configuration_tnl import FULL, LINEAR, TNLConfig
 from .lightning_layer import TNLLightningAttention
+from .load_checks import StrictLoadingMixin
 from .moe import TNLDenseMLP, TNLExperts, TNLRouter, TNLSparseMoeBlock, load_balancing_loss, router_z_loss
 from .norms import RMSNorm
 from .rotary import PartialRotaryEmbedding
@@ -67,7 +68,7 @@ class TNLDecoderLayer(GradientCheckpointingLayer):
         return hidden, router_logits, attn_weights
 
 
-class TNLPreTrainedModel(PreTrainedModel):
+class TNLPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: TNLConfig
     config_class = TNLConfig
     base_model_prefix = "model"
@@ -77,6 +78,16 @@ class TNLPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _can_compile_fullgraph = False
     _keys_to_ignore_on_load_unexpected = [r"\.slope_rate$", r"\.query_decay$", r"\.key_decay$", r"\.diagonal_decay$"]
+
+    def active_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters one token uses (its top-k routed experts, everything else whole).
+
+        ``include_embeddings=False`` leaves out the embedding and lm_head matrices, the convention of
+        MiniMax-Text-01's published 45.9B activated parameters.
+        """
+        from .parameters import active_parameters
+
+        return active_parameters(self, include_embeddings=include_embeddings)
 
     def _init_weights(self, module):
         super()._init_weights(module)
