@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tnl-installed
 
-.PHONY: demo test env clean
+.PHONY: demo quickstart test env clean
 
 $(STAMP): setup.py scripts/setup_env.sh
 	PYTHON=$(PYTHON) bash scripts/setup_env.sh $(VENV)
@@ -12,11 +12,16 @@ $(STAMP): setup.py scripts/setup_env.sh
 
 env: $(STAMP)
 
+# Prepare Shakespeare + tokenizer, pretrain with DeepSpeed ZeRO-2 on 2 CPU processes, export, generate.
 demo: $(STAMP)
+	$(BIN)/deepspeed --num_gpus 2 --module tnl_training.pretrain --config configs/train/demo-cpu.yaml
+
+# Build a model from configs/model/small.json, save, reload with AutoModelForCausalLM, generate.
+quickstart: $(STAMP)
 	$(BIN)/python -m tnl_model.quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache runs

@@ -56,7 +56,7 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "accelerate>=1.0", "peft>=0.13"],
     },
-    entry_points={"console_scripts": ["tnl=tnl_model.cli:main"]},
+    entry_points={"console_scripts": ["tnl=tnl_model.cli:main", "tnl-pretrain=tnl_training.pretrain:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

@@ -1,0 +1,636 @@
+"""DeepSpeed ZeRO pretraining of a TNL model (DESIGN.md section 2).
+
+Launch (one machine, N processes; on a CPU-only machine the processes use gloo)::
+
+    deepspeed --num_gpus N --module tnl_training.pretrain --config configs/train/demo-cpu.yaml [key=value ...]
+    deepspeed --hostfile hosts --module tnl_training.pretrain --config configs/train/zero3-multinode.yaml
+    python -m tnl_training.pretrain --config configs/train/demo-cpu.yaml max_steps=50      # one process
+
+Overrides use the run config's field names (``max_steps=N zero_stage=S output_dir=DIR
+model_config=PATH seed=N optimizer.lr=1e-3``); ``--resume [TAG]`` continues from the latest
+(or the given) checkpoint in ``output_dir/checkpoints``; by default (``resume=auto``) a run
+directory that holds checkpoints is continued. A checkpoint saved on another world size is
+converted to DeepSpeed's universal format and loaded from there.
+
+The run directory ends with ``metrics.jsonl``, ``loss_curve.png``, ``checkpoints/`` and the
+exported Hugging Face model in ``model/`` (config.json, model.safetensors, tokenizer files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tnl_training.config import ConfigError, RunConfig, load_config
+from tnl_training.data import TokenRows
+from tnl_training.metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
+from tnl_training.prepare import PreflightError, Prepared, preflight
+
+#: keys of the DeepSpeed JSON that come from the run config and must not be set there
+INJECTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+INJECTED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
+CHECKPOINTS = "checkpoints"
+RUN_STATE = "run_state.json"
+
+
+# ------------------------------------------------------------------------------ set-up
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="tnl_training.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="run config YAML (configs/train/*.yaml)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the latest checkpoint (or the given tag / checkpoint directory)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of run config fields")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"resume={args.resume}")
+    return args, overrides
+
+
+def _is_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU)."""
+    if not _is_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # plain `python -m tnl_training.pretrain`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    backend = "nccl" if _is_cuda() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(minutes=int(os.environ.get("TNL_DIST_TIMEOUT_MIN", "30"))))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if _is_cuda():
+        torch.cuda.set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")) or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    return deepspeed
+
+
+def build_deepspeed_config(cfg: RunConfig, engine_json: str | os.PathLike, world_size: int) -> dict:
+    """The engine JSON plus everything that comes from the run config (batch sizes, ZeRO stage, precision,
+    clipping, offload). The JSON may not set those itself, so the two can never disagree."""
+    with open(engine_json, encoding="utf-8") as f:
+        ds = json.load(f)
+    clash = [k for k in INJECTED_KEYS if k in ds]
+    zero = ds.setdefault("zero_optimization", {})
+    clash += [f"zero_optimization.{k}" for k in INJECTED_ZERO_KEYS if k in zero]
+    if clash:
+        raise ConfigError(f"{engine_json} sets {', '.join(clash)}; these come from the run config "
+                          "(micro_batch_size, gradient_accumulation_steps, grad_clip, bf16, zero_stage, cpu_offload, "
+                          "optimizer.*) -- remove them from the DeepSpeed JSON")
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_batch_size"] = cfg.world_batch(world_size)
+    ds["gradient_clipping"] = cfg.grad_clip
+    ds["bf16"] = {"enabled": bool(cfg.bf16), "check_grad_overflow": True}
+    zero["stage"] = cfg.zero_stage
+    if cfg.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _is_cuda()}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": _is_cuda()}
+        opt = cfg.optimizer
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": opt.lr, "betas": [opt.beta1, opt.beta2],
+                                                       "eps": opt.eps, "weight_decay": opt.weight_decay}}
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    """Multiplier of the peak lr after ``step`` completed optimizer steps."""
+    opt = cfg.optimizer
+    warmup, floor = opt.warmup_steps, opt.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if opt.schedule == "constant":
+            return 1.0
+        if opt.schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_steps = max(1, round(opt.decay_fraction * total_steps))  # WSD
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * min(1.0, (step - decay_start) / decay_steps)
+
+    return fn
+
+
+def param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_model_config(cfg: RunConfig, prepared: Prepared):
+    from tnl_model import TNLConfig
+
+    model_cfg = TNLConfig.from_json_file(str(prepared.model_config_path))
+    if cfg.router_aux_loss_coef is not None:
+        model_cfg.router_aux_loss_coef = cfg.router_aux_loss_coef
+    if cfg.router_z_loss_coef is not None:
+        model_cfg.router_z_loss_coef = cfg.router_z_loss_coef
+    model_cfg.use_cache = False
+    return model_cfg
+
+
+def build_model(cfg: RunConfig, model_cfg, ds_config: dict):
+    """The model, every parameter initialised by ``_init_weights``.
+
+    ZeRO-3 with ``zero3_init``: transformers' ZeRO-3 path (``HfDeepSpeedConfig`` alive while
+    ``from_config`` runs) partitions each parameter as it is created and then runs
+    ``_init_weights`` on gathered parameters (rank 0 initialises, the result is scattered),
+    so no rank holds the whole model and nothing is left uninitialised. Otherwise the whole
+    model is built on every rank from the same seed and rank 0's weights are broadcast.
+    """
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    if cfg.zero_stage == 3 and cfg.zero3_init:
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must live while the model is built
+        try:
+            model = AutoModelForCausalLM.from_config(model_cfg)
+        finally:
+            del keep_alive
+            unset_hf_deepspeed_config()  # later from_pretrained calls (export check) must not partition
+    else:
+        model = AutoModelForCausalLM.from_config(model_cfg)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            with torch.no_grad():
+                for tensor in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(tensor.data, src=0)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags (``stepN`` with a run_state.json), oldest first."""
+    tags = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and (p / RUN_STATE).is_file():
+                tags.append(p.name)
+    return sorted(tags, key=lambda t: int(t[4:]))
+
+
+def find_resume(cfg: RunConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint directory to resume from, or None for a fresh start."""
+    mode = cfg.resume
+    if mode in ("none", "no", "false", ""):
+        return None
+    tags = checkpoint_tags(ckpt_dir)
+    if mode in ("auto", "latest"):
+        latest_file = ckpt_dir / "latest"
+        tag = latest_file.read_text().strip() if latest_file.is_file() else None
+        if tag not in tags:
+            tag = tags[-1] if tags else None
+        if tag is None:
+            if mode == "latest":
+                raise PreflightError(f"--resume: no checkpoint in {ckpt_dir}")
+            return None
+        return ckpt_dir / tag
+    path = Path(mode)
+    if not path.is_dir():
+        path = ckpt_dir / mode
+    if not (path / RUN_STATE).is_file():
+        raise PreflightError(f"--resume {mode}: {path} is not a complete checkpoint (no {RUN_STATE})")
+    return path
+
+
+def convert_to_universal(tag_dir: Path, log) -> Path:
+    """DeepSpeed's universal checkpoint of ``tag_dir`` (created once, next to it)."""
+    out = tag_dir.parent / f"{tag_dir.name}_universal"
+    if (out / ".complete").is_file():
+        return out
+    tmp = tag_dir.parent / f".{tag_dir.name}_universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converting {tag_dir} to a universal checkpoint for a different world size ...")
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    for name in (RUN_STATE,):
+        shutil.copy2(tag_dir / name, tmp / name)
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int, rank: int, log) -> Path:
+    import torch.distributed as dist
+
+    tag = f"step{state['step']}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"tnl": state})
+    dist.barrier()
+    if rank == 0:
+        tmp = ckpt_dir / tag / f".{RUN_STATE}.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, ckpt_dir / tag / RUN_STATE)  # marks the checkpoint complete
+        tags = checkpoint_tags(ckpt_dir)
+        for old in tags[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
+        log(f"saved checkpoint {ckpt_dir / tag}")
+    dist.barrier()
+    return ckpt_dir / tag
+
+
+# ------------------------------------------------------------------------------ training pieces
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def expert_counts(router_logits, top_k: int, num_experts: int) -> torch.Tensor:
+    """[n_moe_layers, E] number of token-slots routed to each expert in this forward."""
+    rows = []
+    for logits in router_logits or ():
+        if logits is None:
+            continue
+        idx = torch.topk(logits.detach().float(), top_k, dim=-1).indices.reshape(-1)
+        rows.append(torch.bincount(idx, minlength=num_experts).double())
+    return torch.stack(rows) if rows else torch.zeros(0, num_experts, dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, world: int, device) -> float | None:
+    """Mean validation cross-entropy over the first ``eval_batches * micro * world`` rows (all of them
+    when fewer). Every rank runs the same number of forwards (ZeRO-3 gathers need all ranks)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    if val_rows is None:
+        return None
+    micro = cfg.micro_batch_size
+    n = min(val_rows.num_rows, cfg.eval_batches * micro * world)
+    per_rank = math.ceil(n / world)
+    batches = math.ceil(per_rank / micro)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    was_training = engine.module.training
+    engine.eval()
+    for b in range(batches):
+        ids, weights = [], []
+        for j in range(micro):
+            i = (b * micro + j) * world + rank
+            ids.append(val_rows.row(i if i < n else 0))
+            weights.append(1.0 if i < n else 0.0)
+        x = torch.from_numpy(np.stack(ids)).to(device)
+        out = engine(input_ids=x, output_router_logits=False)
+        logits = out.logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+        row_loss = ce.view(x.shape[0], -1).mean(dim=1).double()
+        w = torch.tensor(weights, dtype=torch.float64, device=device)
+        total[0] += (row_loss * w).sum()
+        total[1] += w.sum()
+    dist.all_reduce(total)
+    if was_training:
+        engine.train()
+    return float(total[0] / total[1])
+
+
+def _fmt_load(load: list[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in load)
+
+
+# ------------------------------------------------------------------------------ main loop
+def train(cfg: RunConfig, config_file=None) -> dict:
+    """Run (or continue) the configured pretraining; returns a summary dict (rank 0's view)."""
+    deepspeed = init_distributed()
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+
+    def log(msg):
+        if is_main:
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(str(msg), file=sys.stdout)
+            except Exception:  # noqa: BLE001
+                print(msg, flush=True)
+            sys.stdout.flush()
+
+    # Everything that can fail on bad input is checked here, before the model exists. The first
+    # process of each machine prepares (download / tokenizer / shards); the others then verify.
+    local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    prepared, err = None, None
+    for turn in (0, 1):
+        if (turn == 0) == local_first:
+            try:
+                prepared = preflight(cfg, config_file, log=log if is_main else (lambda m: None))
+            except (PreflightError, ConfigError) as e:
+                err = e
+        failed = torch.tensor([0 if err is None else 1])
+        dist.all_reduce(failed)
+        if err is not None:
+            raise err
+        if int(failed):
+            raise PreflightError("another process failed its pre-flight checks (see its error above)")
+
+    output_dir = Path(cfg.output_dir)
+    ckpt_dir = output_dir / CHECKPOINTS
+    resume_from = find_resume(cfg, ckpt_dir)
+    resume_state = json.loads((resume_from / RUN_STATE).read_text()) if resume_from else None
+    universal = bool(resume_state and resume_state["world_size"] != world)
+    if universal and is_main:
+        resume_from = convert_to_universal(resume_from, log)
+    dist.barrier()
+    if universal:
+        resume_from = resume_from.parent / f"{resume_from.name}_universal" if not resume_from.name.endswith(
+            "_universal") else resume_from
+
+    ds_config = build_deepspeed_config(cfg, prepared.deepspeed_config_path, world)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    model_cfg = load_model_config(cfg, prepared)
+    total_steps = cfg.total_steps(world)
+    device = torch.device("cuda", torch.cuda.current_device()) if _is_cuda() else torch.device("cpu")
+
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.yaml").write_text(_yaml_dump(cfg.to_dict()))
+        (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+        model_cfg.to_json_file(str(ckpt_dir / "model_config.json"))
+        (ckpt_dir / "tokenizer_path.txt").write_text(str(prepared.tokenizer_dir.resolve()) + "\n")
+    dist.barrier()
+
+    model = build_model(cfg, model_cfg, ds_config)
+    fpt = flops_per_token(model, cfg.seq_len + 1)
+    n_params = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
+    groups = param_groups(model, cfg.optimizer.weight_decay)
+    opt = cfg.optimizer
+    optimizer = None
+    if not cfg.cpu_offload:
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                                      weight_decay=opt.weight_decay, foreach=True)
+    schedule = lr_lambda(cfg, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if cfg.cpu_offload else None,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule), config=ds_config,
+        dist_init_required=False)
+
+    step, cursor, tokens = 0, 0, 0
+    if resume_from is not None:
+        load_dir, tag = str(resume_from.parent), resume_from.name
+        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"could not load checkpoint {resume_from}")
+        state = (client or {}).get("tnl") or resume_state
+        step, cursor, tokens = int(state["step"]), int(state["cursor"]), int(state["tokens"])
+        log(f"resumed from {resume_from} at step {step} (data cursor {cursor:,} rows, {tokens:,} tokens)"
+            + (f"; world size {resume_state['world_size']} -> {world} via universal checkpoint" if universal else ""))
+
+    train_rows = TokenRows(prepared.train_shards, cfg.seq_len, cfg.seed, shuffle=True, name="train")
+    val_rows = None
+    if prepared.val_shards and sum(s.num_tokens for s in prepared.val_shards) > cfg.seq_len + 1:
+        val_rows = TokenRows(prepared.val_shards, cfg.seq_len, cfg.seed, shuffle=False, name="validation")
+    metrics = MetricsWriter(output_dir / "metrics.jsonl",
+                            output_dir / "tensorboard" if cfg.tensorboard else None) if is_main else None
+    peak = peak_flops(cfg.peak_tflops)
+    top_k, n_exp = model_cfg.num_experts_per_tok, model_cfg.num_local_experts
+    n_moe = sum(t == "sparse" for t in model_cfg.mlp_layer_types)
+    global_batch = cfg.world_batch(world)
+    tokens_per_step = global_batch * cfg.seq_len
+    log(f"model {n_params / 1e6:.2f}M parameters ({fpt / 6e6:.2f}M active-equivalent per token); world {world} x "
+        f"micro {cfg.micro_batch_size} x accum {cfg.gradient_accumulation_steps} = {global_batch} rows of "
+        f"{cfg.seq_len + 1} tokens per step; ZeRO-{cfg.zero_stage}; {total_steps} steps; "
+        f"train {train_rows.num_tokens:,} tokens"
+        + (f", validation {val_rows.num_tokens:,} tokens" if val_rows else ", no validation split"))
+
+    stop = StopSignal()
+    bar = None
+    if is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
+    window = {"t": time.time(), "tokens": 0, "counts": torch.zeros(n_moe, n_exp, dtype=torch.float64)}
+    skipped_at_start = engine.skipped_steps
+    last_val = None
+    interrupted = False
+    summary = {}
+    accum = cfg.gradient_accumulation_steps
+
+    def state_dict():
+        return {"step": step, "cursor": cursor, "tokens": tokens, "world_size": world,
+                "global_batch": global_batch, "seed": cfg.seed, "seq_len": cfg.seq_len}
+
+    try:
+        while step < total_steps:
+            sums = torch.zeros(4, dtype=torch.float64)
+            for m in range(accum):
+                x = torch.from_numpy(train_rows.batch(cursor, m, rank, world, cfg.micro_batch_size)).to(device)
+                out = engine(input_ids=x, labels=x, output_router_logits=True)
+                engine.backward(out.loss)
+                engine.step()
+                parts = [out.loss, out.lm_loss, out.aux_loss, out.z_loss]
+                sums += torch.tensor([0.0 if p is None else float(p.detach()) for p in parts], dtype=torch.float64)
+                counts = expert_counts(out.router_logits, top_k, n_exp)
+                if counts.shape == window["counts"].shape:
+                    window["counts"] += counts
+            step += 1
+            cursor += global_batch
+            tokens += tokens_per_step
+            window["tokens"] += tokens_per_step
+            # one small all-reduce per step: mean losses over ranks, and the stop flag
+            flag = 1.0 if stop.signum is not None else 0.0
+            packed = torch.cat([sums / accum, torch.tensor([flag], dtype=torch.float64)])
+            dist.all_reduce(packed)
+            loss, lm, aux, z = (packed[:4] / world).tolist()
+            stop_now = packed[4].item() > 0
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            lr = float(engine.get_lr()[0])
+            skipped = engine.skipped_steps - skipped_at_start
+            record = {"type": "train", "step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
+                      "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "skipped_steps": int(engine.skipped_steps)}
+            if step % cfg.log_interval == 0 or step == total_steps:
+                dist.all_reduce(window["counts"])
+                elapsed = max(1e-9, time.time() - window["t"])
+                tok_s = window["tokens"] * (cfg.seq_len + 1) / cfg.seq_len / elapsed
+                mfu = (tok_s * fpt / (world * peak)) if peak else None
+                c = window["counts"]
+                load = (c.max(dim=1).values / c.mean(dim=1).clamp(min=1e-9)).tolist() if c.numel() else []
+                record.update(tokens_per_s=tok_s, mfu=mfu, expert_load_max_over_mean=load)
+                log(f"step {step}/{total_steps} | loss {loss:.4f} (lm {lm:.4f} aux {aux:.4f} z {z:.4f}) | "
+                    f"grad {grad_norm:.3f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | MFU "
+                    f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | expert load max/mean [{_fmt_load(load)}] | "
+                    f"skipped {skipped}")
+                window = {"t": time.time(), "tokens": 0, "counts": torch.zeros_like(window["counts"])}
+            if metrics:
+                metrics.write(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{lm:.3f}", refresh=False)
+            if step % cfg.eval_interval == 0 or step == total_steps:
+                last_val = evaluate(engine, val_rows, cfg, rank, world, device)
+                if last_val is not None:
+                    ppl = math.exp(min(last_val, 50))
+                    log(f"step {step}: validation loss {last_val:.4f}, perplexity {ppl:.2f}")
+                    if metrics:
+                        metrics.write({"type": "eval", "step": step, "val_loss": last_val, "val_ppl": ppl})
+                window["t"] = time.time()  # do not charge evaluation to throughput
+            if stop_now or step % cfg.checkpoint_interval == 0 or step == total_steps:
+                save_checkpoint(engine, ckpt_dir, state_dict(), cfg.keep_checkpoints, rank, log)
+                window["t"] = time.time()
+            if stop_now:
+                interrupted = True
+                why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another process"
+                log(f"{why}: checkpoint saved at step {step}; continue with --resume")
+                break
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+
+    summary.update(step=step, tokens=tokens, val_loss=last_val,
+                   val_ppl=None if last_val is None else math.exp(min(last_val, 50)), interrupted=interrupted)
+    if not interrupted and step >= total_steps and cfg.export:
+        export_dir = output_dir / "model"
+        # the export is checked against the engine on two held-out rows (every rank runs the forward: ZeRO-3)
+        rows = val_rows if val_rows is not None else train_rows
+        check_batch = torch.from_numpy(np.stack([rows.row(i) for i in range(2)]))[:, :64].to(device)
+        with torch.no_grad():
+            engine.eval()
+            engine_logits = engine(input_ids=check_batch, output_router_logits=False).logits.float().cpu()
+        if is_main:
+            from tnl_training.export import export_checkpoint
+
+            export_checkpoint(ckpt_dir, export_dir, tag=f"step{step}", tokenizer_dir=prepared.tokenizer_dir, log=log)
+            summary["export_dir"] = str(export_dir)
+            diff = export_logits_diff(export_dir, check_batch.cpu(), engine_logits)
+            summary["export_max_abs_logit_diff"] = diff
+            log(f"export check: AutoModelForCausalLM logits vs the engine's, max |diff| = {diff:.2e}"
+                + (" (engine in bf16, export in fp32)" if cfg.bf16 else ""))
+            metrics.write({"type": "export", "step": step, "dir": str(export_dir), "max_abs_logit_diff": diff})
+            if cfg.sample_prompt:
+                summary["sample"] = sample_text(export_dir, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
+                log(f"sample continuation:\n{summary['sample']}")
+        dist.barrier()
+    if is_main:
+        png = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
+                              title=f"{Path(cfg.model_config).stem}, ZeRO-{cfg.zero_stage}, {world} processes")
+        if png:
+            log(f"loss curve: {png}")
+        if summary.get("val_ppl") is not None:
+            log(f"final validation perplexity {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f})")
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        metrics.close()
+    dist.barrier()
+    return summary
+
+
+def export_logits_diff(export_dir: Path, input_ids: torch.Tensor, engine_logits: torch.Tensor) -> float:
+    import tnl_model  # noqa: F401 - registers the Auto classes
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits.float()
+    return float((logits - engine_logits).abs().max())
+
+
+def sample_text(export_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> str:
+    import tnl_model  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(export_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+def _yaml_dump(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def main(argv=None) -> None:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    try:
+        summary = train(cfg, args.config)
+    except (PreflightError, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+    if summary.get("interrupted"):
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
