@@ -88,6 +88,15 @@ def write_results(name: str, payload: dict, out_dir: Path = RESULTS) -> Path:
     return path
 
 
+def save_results(name: str, payload: dict, out_dir, plot) -> Path:
+    """Write ``name.json`` and, through ``plot(payload, png_path)``, ``name.png``; say where."""
+    out_dir = Path(out_dir)
+    path = write_results(name, payload, out_dir)
+    plot(payload, out_dir / f"{name}.png")
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    return path
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     cells = [[str(c) for c in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, peak_memory, print_table, synchronize, write_results  # noqa: E402
+from bench_common import RESULTS, peak_memory, print_table, save_results, synchronize  # noqa: E402
 
 import tnl_model  # noqa: E402,F401
 from tnl_model import TNLConfig, TNLForCausalLM  # noqa: E402
@@ -135,10 +135,7 @@ def main(argv=None):
     print(f"KV bytes per token: hybrid {payload['hybrid_kv_bytes_per_token']}, dense equivalent {dense_kv} "
           f"({payload['hybrid_kv_bytes_per_token'] / dense_kv:.3f} of dense)")
     tag = f"{args.device}_{args.dtype}{'_quick' if args.quick else ''}"
-    out_dir = Path(args.out)
-    path = write_results(f"bench_long_context_{tag}", payload, out_dir)
-    plot(payload, out_dir / f"bench_long_context_{tag}.png")
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    save_results(f"bench_long_context_{tag}", payload, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, median_time, peak_memory, print_table, synchronize, write_results  # noqa: E402
+from bench_common import RESULTS, median_time, peak_memory, print_table, save_results, synchronize  # noqa: E402
 
 import tnl_model  # noqa: E402,F401
 from tnl_kernels import build_slopes, lightning_attn  # noqa: E402
@@ -300,12 +300,8 @@ def main(argv=None):
     print_table(f"time split of one prefill at T={split['T']} (s)", ["model", *kinds],
                 [[name, *[split[name].get(k, 0.0) for k in kinds]] for name in ("ours", "theirs")])
 
-    suffix = "_quick" if args.quick else ""
-    tag = f"{device}_{args.dtype}{suffix}"
-    out_dir = Path(args.out)
-    path = write_results(f"bench_vs_minimax_{tag}", payload, out_dir)
-    plot(payload, out_dir / f"bench_vs_minimax_{tag}.png")
-    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    tag = f"{device}_{args.dtype}{'_quick' if args.quick else ''}"
+    save_results(f"bench_vs_minimax_{tag}", payload, args.out, plot)
 
 
 if __name__ == "__main__":
