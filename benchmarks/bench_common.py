@@ -6,7 +6,9 @@ no counters). On CUDA it is ``torch.cuda.max_memory_allocated`` above the start.
 """
 
 import json
+import os
 import platform
+import sys
 import statistics
 import threading
 import time
@@ -16,6 +18,19 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# Every allocation above 64 KiB is its own mmap, unmapped on free: resident memory then follows
+# live tensors, so the RSS high-water mark of a call does not depend on what ran before it
+# (glibc otherwise raises this threshold dynamically and reuses heap pages across calls).
+PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def pin_allocator() -> None:
+    """Re-run the current script with the pinned allocator settings (once)."""
+    if all(os.environ.get(k) == v for k, v in PINNED_ALLOCATOR.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_ALLOCATOR})
 
 
 def synchronize(device) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, peak_memory, print_table, save_results, synchronize  # noqa: E402
+from bench_common import RESULTS, peak_memory, pin_allocator, print_table, save_results, synchronize  # noqa: E402
 
 import tnl_model  # noqa: E402,F401
 from tnl_model import TNLConfig, TNLForCausalLM  # noqa: E402
@@ -99,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=4096, help="prefill_chunk_size")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.device == "cpu":
+        pin_allocator()
     dtype = getattr(torch, args.dtype)
     max_linear = args.max_context or (16384 if args.quick else 262144)
     max_hybrid = args.max_hybrid_context or min(max_linear, 16384 if args.quick else 65536)

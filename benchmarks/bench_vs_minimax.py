@@ -32,7 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, median_time, peak_memory, print_table, save_results, synchronize  # noqa: E402
+from bench_common import RESULTS, median_time, pin_allocator, peak_memory, print_table, save_results, synchronize  # noqa: E402
 
 import tnl_model  # noqa: E402,F401
 from tnl_kernels import build_slopes, lightning_attn  # noqa: E402
@@ -84,7 +84,8 @@ def timed(fn, device, repeats, warmup):
 
 
 def repeats_for(tokens):
-    return (3, 1) if tokens <= 2048 else ((2, 0) if tokens <= 8192 else (1, 0))
+    """(timed runs, warm-up runs): fewer at long lengths, but always one warm-up."""
+    return (3, 1) if tokens <= 2048 else (2, 1)
 
 
 def bench_prefill(models, device, lengths):
@@ -93,7 +94,8 @@ def bench_prefill(models, device, lengths):
         ids = torch.randint(0, 4096, (1, length), device=device)
         repeats, warmup = repeats_for(length)
         result = {"T": length}
-        for name, model in models.items():  # interleaved per length
+        order = list(models.items()) if len(rows) % 2 == 0 else list(models.items())[::-1]
+        for name, model in order:  # interleaved per length, alternating which model goes first
             with torch.no_grad():
                 seconds, peak = timed(lambda: model(ids, use_cache=True, logits_to_keep=1), device, repeats, warmup)
             result[name] = {"s": seconds, "tok_per_s": length / seconds, "peak_mb": peak}
@@ -166,13 +168,13 @@ def bench_operator(device, dtype, lengths, heads=8, dim=64):
         loop = lambda q, k, v: lightning_attn_chunked(q, k, v, slopes, block_size=256)[0]  # noqa: E731
         result = {"T": length}
         for name, fn in (("ours", ours), ("block_loop", loop)):
-            repeats, warmup = (3, 1) if length <= 8192 else (2, 0)
+            repeats, warmup = (3, 1) if length <= 8192 else (2, 1)
             with torch.no_grad():
                 fwd, fwd_peak = timed(lambda: fn(q, k, v), device, repeats, warmup)
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             grad = torch.randn(1, length, heads, dim, device=device, dtype=dtype)
             if name == "block_loop" and length > 8192:
-                repeats, warmup = 1, 0  # autograd through the loop is the slow case being measured
+                repeats = 1  # autograd through the loop is the slow case being measured
             both, both_peak = timed(lambda: fn(*leaves).backward(grad), device, repeats, warmup)
             result[name] = {"fwd_s": fwd, "fwd_bwd_s": both, "fwd_peak_mb": fwd_peak, "fwd_bwd_peak_mb": both_peak}
         rows.append(result)
@@ -244,6 +246,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.device == "cpu":
+        pin_allocator()
     sizes = QUICK if args.quick else FULL
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
