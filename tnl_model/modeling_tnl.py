@@ -150,8 +150,7 @@ class TNLModel(TNLPreTrainedModel):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             _check_token_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, length = inputs_embeds.shape[:2]
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if length == 0:
             raise ValueError("the input is empty (sequence length 0): give at least one token")
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
@@ -169,8 +168,12 @@ class TNLModel(TNLPreTrainedModel):
 
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
         if cache is not None and chunk and length > chunk:
-            return self._chunked_prefill(inputs_embeds, attention_mask, position_ids, cache, chunk, keep_last,
+            # Chunk the token ids, not their embeddings: nothing of size [T, hidden] is ever built.
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            return self._chunked_prefill(tokens, attention_mask, position_ids, cache, chunk, keep_last,
                                          output_attentions, output_hidden_states)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             if cu_seqlens is not None:
                 position_ids = _positions_in_documents(cu_seqlens, length)
@@ -235,19 +238,21 @@ class TNLModel(TNLPreTrainedModel):
                 "shorten the input or raise max_position_embeddings in the config"
             )
 
-    def _chunked_prefill(self, inputs_embeds, attention_mask, position_ids, cache, chunk, keep_last,
+    def _chunked_prefill(self, tokens, attention_mask, position_ids, cache, chunk, keep_last,
                          output_attentions, output_hidden_states):
         """Feed a long prompt through the cache ``chunk`` tokens at a time: same result as one pass,
         activation memory bounded by the chunk (plus what the caller asks to keep)."""
         if output_attentions or output_hidden_states:
             raise ValueError("output_attentions/output_hidden_states are not available with chunked prefill")
-        length = inputs_embeds.shape[1]
+        length = tokens.shape[1]
         start_past = past_length(cache, self.config.layer_types)
         pieces, router_logits = [], []
+        is_ids = not tokens.is_floating_point()
         for start in range(0, length, chunk):
             stop = min(length, start + chunk)
             out = self.forward(
-                inputs_embeds=inputs_embeds[:, start:stop],
+                input_ids=tokens[:, start:stop] if is_ids else None,
+                inputs_embeds=None if is_ids else tokens[:, start:stop],
                 attention_mask=None if attention_mask is None else attention_mask[:, : start_past + stop],
                 position_ids=None if position_ids is None else position_ids[:, start:stop],
                 cache=cache, use_cache=True, prefill_chunk_size=length + 1,
