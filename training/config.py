@@ -107,6 +107,9 @@ class RunConfig:
     max_tokens: int | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_clip: float = 1.0
+    #: a step whose loss is NaN/inf is skipped and counted; this many in a row stop the run
+    #: (after saving a checkpoint: the skipped steps changed nothing)
+    max_consecutive_nonfinite: int = 5
     zero_stage: int = 2
     bf16: bool = False
     cpu_offload: bool = False
@@ -149,7 +152,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Value checks that need no files; raises :class:`ConfigError`."""
         positive = ["seq_len", "micro_batch_size", "gradient_accumulation_steps", "checkpoint_interval",
-                    "keep_checkpoints", "eval_interval", "eval_batches", "log_interval", "sample_tokens"]
+                    "keep_checkpoints", "max_consecutive_nonfinite", "eval_interval", "eval_batches", "log_interval",
+                    "sample_tokens"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")

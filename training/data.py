@@ -423,11 +423,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-tokens", type=int, default=1 << 26)
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
     args = parser.parse_args(argv)
+    from tnl_training.tokenizer import TokenizerError
+
     try:
         files = expand_files(args.files)
         prepare_shards(files, args.tokenizer, args.out, args.val_fraction, args.val_files, args.split_seed,
                        args.shard_tokens, args.text_field)
-    except DataError as err:
+    except (DataError, TokenizerError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -133,7 +133,7 @@ def step_losses(path: str | os.PathLike) -> dict[int, float]:
     """step -> training loss, the last record of each step winning."""
     out = {}
     for r in read_metrics(path, "train"):
-        out[int(r["step"])] = float(r["loss"])
+        out[int(r["step"])] = float("nan") if r["loss"] is None else float(r["loss"])  # null: a skipped step
     return out
 
 
@@ -154,7 +154,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
         return None
     steps = sorted(train)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot(steps, [train[s]["lm_loss"] for s in steps], lw=1, alpha=0.8, label="train LM loss")
+    lm = [float("nan") if train[s]["lm_loss"] is None else train[s]["lm_loss"] for s in steps]  # null: skipped
+    ax.plot(steps, lm, lw=1, alpha=0.8, label="train LM loss")
     if evals:
         es = sorted(evals)
         ax.plot(es, [evals[s]["val_loss"] for s in es], "o-", lw=1.5, label="validation loss")

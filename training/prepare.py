@@ -10,6 +10,7 @@ once and wait for each other), then opens and verifies every shard. Any problem 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def _matches_val(path: Path, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(path.name, p) or fnmatch.fnmatch(str(path), p) for p in patterns)
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """The run directory must be creatable and writable before any compute is spent."""
+    probe = output_dir / f".write-test-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok\n")
+        probe.unlink()
+    except OSError as err:
+        raise PreflightError(f"output_dir {str(output_dir)!r} is not a writable directory ({err.strerror or err}); "
+                             "choose another output_dir= or fix its permissions") from None
+
+
 def preflight(cfg: RunConfig, config_file=None, log=print, prepare: bool = True, verify: bool | None = None) -> Prepared:
     """Check (and, when allowed, prepare) the model config, tokenizer and shards of a run."""
     try:
@@ -84,6 +97,7 @@ def preflight(cfg: RunConfig, config_file=None, log=print, prepare: bool = True,
         except json.JSONDecodeError as err:
             raise PreflightError(f"deepspeed_config {ds_path} is not valid JSON: {err}") from None
 
+        check_output_dir(Path(cfg.output_dir))
         special = special_ids_from_model_config(model_path)
         tok_dir = resolve_path(cfg.tokenizer.path, config_file)
         shard_dir = resolve_path(cfg.data.shard_dir, config_file)

@@ -22,10 +22,8 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -34,8 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tnl_training.checkpointing import (CHECKPOINTS, RUN_STATE, CheckpointSaveError, convert_to_universal,
+                                        find_resume, remove_partial_saves, save_checkpoint)
 from tnl_training.config import ConfigError, RunConfig, load_config
 from tnl_training.data import TokenRows
+from tnl_training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from tnl_training.metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
 from tnl_training.prepare import PreflightError, Prepared, preflight
 
@@ -43,8 +44,6 @@ from tnl_training.prepare import PreflightError, Prepared, preflight
 INJECTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 INJECTED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
-CHECKPOINTS = "checkpoints"
-RUN_STATE = "run_state.json"
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -201,82 +200,6 @@ def build_model(cfg: RunConfig, model_cfg, ds_config: dict):
     return model
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoint tags (``stepN`` with a run_state.json), oldest first."""
-    tags = []
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and (p / RUN_STATE).is_file():
-                tags.append(p.name)
-    return sorted(tags, key=lambda t: int(t[4:]))
-
-
-def find_resume(cfg: RunConfig, ckpt_dir: Path) -> Path | None:
-    """The checkpoint directory to resume from, or None for a fresh start."""
-    mode = cfg.resume
-    if mode in ("none", "no", "false", ""):
-        return None
-    tags = checkpoint_tags(ckpt_dir)
-    if mode in ("auto", "latest"):
-        latest_file = ckpt_dir / "latest"
-        tag = latest_file.read_text().strip() if latest_file.is_file() else None
-        if tag not in tags:
-            tag = tags[-1] if tags else None
-        if tag is None:
-            if mode == "latest":
-                raise PreflightError(f"--resume: no checkpoint in {ckpt_dir}")
-            return None
-        return ckpt_dir / tag
-    path = Path(mode)
-    if not path.is_dir():
-        path = ckpt_dir / mode
-    if not (path / RUN_STATE).is_file():
-        raise PreflightError(f"--resume {mode}: {path} is not a complete checkpoint (no {RUN_STATE})")
-    return path
-
-
-def convert_to_universal(tag_dir: Path, log) -> Path:
-    """DeepSpeed's universal checkpoint of ``tag_dir`` (created once, next to it)."""
-    out = tag_dir.parent / f"{tag_dir.name}_universal"
-    if (out / ".complete").is_file():
-        return out
-    tmp = tag_dir.parent / f".{tag_dir.name}_universal.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log(f"converting {tag_dir} to a universal checkpoint for a different world size ...")
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
-           "--inject_missing_state"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    for name in (RUN_STATE,):
-        shutil.copy2(tag_dir / name, tmp / name)
-    (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
-
-
-def save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int, rank: int, log) -> Path:
-    import torch.distributed as dist
-
-    tag = f"step{state['step']}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"tnl": state})
-    dist.barrier()
-    if rank == 0:
-        tmp = ckpt_dir / tag / f".{RUN_STATE}.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, ckpt_dir / tag / RUN_STATE)  # marks the checkpoint complete
-        tags = checkpoint_tags(ckpt_dir)
-        for old in tags[:-keep]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-            shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
-        log(f"saved checkpoint {ckpt_dir / tag}")
-    dist.barrier()
-    return ckpt_dir / tag
-
-
 # ------------------------------------------------------------------------------ training pieces
 class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
@@ -344,6 +267,10 @@ def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, worl
     return float(total[0] / total[1])
 
 
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def _fmt_load(load: list[float]) -> str:
     return " ".join(f"{v:.2f}" for v in load)
 
@@ -386,7 +313,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
 
     output_dir = Path(cfg.output_dir)
     ckpt_dir = output_dir / CHECKPOINTS
-    resume_from = find_resume(cfg, ckpt_dir)
+    resume_from = find_resume(cfg.resume, ckpt_dir)
     resume_state = json.loads((resume_from / RUN_STATE).read_text()) if resume_from else None
     universal = bool(resume_state and resume_state["world_size"] != world)
     if universal and is_main:
@@ -406,6 +333,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(ckpt_dir)  # left by a run killed while saving
         (output_dir / "run_config.yaml").write_text(_yaml_dump(cfg.to_dict()))
         (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
         model_cfg.to_json_file(str(ckpt_dir / "model_config.json"))
@@ -427,7 +355,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule), config=ds_config,
         dist_init_required=False)
 
-    step, cursor, tokens = 0, 0, 0
+    step, cursor, tokens, skipped_before = 0, 0, 0, 0
     if resume_from is not None:
         load_dir, tag = str(resume_from.parent), resume_from.name
         path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
@@ -436,6 +364,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
             raise RuntimeError(f"could not load checkpoint {resume_from}")
         state = (client or {}).get("tnl") or resume_state
         step, cursor, tokens = int(state["step"]), int(state["cursor"]), int(state["tokens"])
+        skipped_before = int(state.get("skipped_steps", 0))
         log(f"resumed from {resume_from} at step {step} (data cursor {cursor:,} rows, {tokens:,} tokens)"
             + (f"; world size {resume_state['world_size']} -> {world} via universal checkpoint" if universal else ""))
 
@@ -464,7 +393,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
         bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
                    mininterval=1.0, file=sys.stderr)
     window = {"t": time.time(), "tokens": 0, "counts": torch.zeros(n_moe, n_exp, dtype=torch.float64)}
-    skipped_at_start = engine.skipped_steps
+    guard = NonFiniteGuard(cfg.max_consecutive_nonfinite, cfg.zero_stage, rank, skipped_total=skipped_before)
     last_val = None
     interrupted = False
     summary = {}
@@ -472,7 +401,8 @@ def train(cfg: RunConfig, config_file=None) -> dict:
 
     def state_dict():
         return {"step": step, "cursor": cursor, "tokens": tokens, "world_size": world,
-                "global_batch": global_batch, "seed": cfg.seed, "seq_len": cfg.seq_len}
+                "global_batch": global_batch, "seed": cfg.seed, "seq_len": cfg.seq_len,
+                "skipped_steps": guard.skipped_total}
 
     try:
         while step < total_steps:
@@ -480,14 +410,18 @@ def train(cfg: RunConfig, config_file=None) -> dict:
             for m in range(accum):
                 x = torch.from_numpy(train_rows.batch(cursor, m, rank, world, cfg.micro_batch_size)).to(device)
                 out = engine(input_ids=x, labels=x, output_router_logits=True)
-                engine.backward(out.loss)
+                loss = guard.checked_loss(out.loss, step + 1)
+                engine.backward(loss)
+                if m == accum - 1:
+                    poisoned = guard.agree_before_step(engine)
                 engine.step()
-                parts = [out.loss, out.lm_loss, out.aux_loss, out.z_loss]
+                parts = [loss, out.lm_loss, out.aux_loss, out.z_loss]
                 sums += torch.tensor([0.0 if p is None else float(p.detach()) for p in parts], dtype=torch.float64)
                 counts = expert_counts(out.router_logits, top_k, n_exp)
                 if counts.shape == window["counts"].shape:
                     window["counts"] += counts
             step += 1
+            guard.after_step(engine, poisoned, step)
             cursor += global_batch
             tokens += tokens_per_step
             window["tokens"] += tokens_per_step
@@ -500,9 +434,11 @@ def train(cfg: RunConfig, config_file=None) -> dict:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             lr = float(engine.get_lr()[0])
-            skipped = engine.skipped_steps - skipped_at_start
-            record = {"type": "train", "step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
-                      "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "skipped_steps": int(engine.skipped_steps)}
+            # a skipped step's losses are written as null (JSON has no NaN)
+            record = {"type": "train", "step": step, "loss": _finite_or_none(loss), "lm_loss": _finite_or_none(lm),
+                      "aux_loss": _finite_or_none(aux), "z_loss": _finite_or_none(z),
+                      "grad_norm": _finite_or_none(grad_norm), "lr": lr, "tokens": tokens, "nonfinite": poisoned,
+                      "skipped_steps": guard.skipped_total}
             if step % cfg.log_interval == 0 or step == total_steps:
                 dist.all_reduce(window["counts"])
                 elapsed = max(1e-9, time.time() - window["t"])
@@ -514,13 +450,19 @@ def train(cfg: RunConfig, config_file=None) -> dict:
                 log(f"step {step}/{total_steps} | loss {loss:.4f} (lm {lm:.4f} aux {aux:.4f} z {z:.4f}) | "
                     f"grad {grad_norm:.3f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | MFU "
                     f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | expert load max/mean [{_fmt_load(load)}] | "
-                    f"skipped {skipped}")
+                    f"skipped {guard.skipped_total}")
                 window = {"t": time.time(), "tokens": 0, "counts": torch.zeros_like(window["counts"])}
             if metrics:
                 metrics.write(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{lm:.3f}", refresh=False)
+            if poisoned:
+                log(f"step {step}: loss is not finite ({loss}); step skipped (parameters unchanged), "
+                    f"{guard.consecutive} in a row, {guard.skipped_total} in all")
+            if guard.should_stop:
+                saved = save_checkpoint(engine, ckpt_dir, state_dict(), cfg.keep_checkpoints, rank, log)
+                raise NonFiniteLossError(guard.stop_message(step, saved))
             if step % cfg.eval_interval == 0 or step == total_steps:
                 last_val = evaluate(engine, val_rows, cfg, rank, world, device)
                 if last_val is not None:
@@ -620,6 +562,13 @@ def main(argv=None) -> None:
         summary = train(cfg, args.config)
     except (PreflightError, ConfigError) as err:
         raise SystemExit(f"error: {err}") from None
+    except (CheckpointSaveError, NonFiniteLossError) as err:
+        # the run cannot go on; the message says what is still safe on disk. A rank that failed
+        # inside DeepSpeed's save may have left the others in a collective, so do not tear down
+        # the process group: exit, and the launcher stops the other ranks.
+        print(f"\nerror: {err}", file=sys.stderr, flush=True)
+        exit_after_distributed_run(1)
+        raise SystemExit(1) from None
     finally:
         try:
             import torch.distributed as dist

