@@ -7,8 +7,10 @@ into segments so that the ``[T, C]`` score tensor stays bounded.
 
 The backward is written for the operator instead of being taped by autograd: the
 gradients of a linear recurrence are themselves lightning attentions (forward in
-time for dq, backward in time for dk and dv), so ``backward`` runs this same
-forward three times and keeps nothing but q, k, v and the initial state alive.
+time for dq, backward in time for dk and dv). ``chunked_backward`` computes all
+three in one backwards walk over the blocks, sharing the intra-block score
+matrices between them, and keeps nothing but q, k, v and the initial state alive
+between forward and backward.
 
 Internal layout is ``[B, H, T, D]`` fp32; the public wrapper transposes.
 """
@@ -40,6 +42,23 @@ class _BlockDecays:
         self.block = torch.exp(-rates * length)  # lambda^{c}
 
 
+def _scan(block_sums, state, block_decay, reverse: bool = False):
+    """States entering each block of ``state <- block_decay * state + block_sums[n]`` (in reverse
+    order when ``reverse``), written straight into one buffer; returns ``(entering, final)``."""
+    n_blocks = block_sums.shape[2]
+    entering = torch.empty_like(block_sums)
+    order = range(n_blocks - 1, -1, -1) if reverse else range(n_blocks)
+    previous = None
+    for n in order:
+        if previous is None:
+            entering[:, :, n] = state
+        else:
+            torch.addcmul(block_sums[:, :, previous], entering[:, :, previous], block_decay, out=entering[:, :, n])
+        previous = n
+    final = torch.addcmul(block_sums[:, :, previous], entering[:, :, previous], block_decay)
+    return entering, final
+
+
 def _forward_blocks(q, k, v, state, decays: _BlockDecays, block: int):
     """All blocks of a segment whose length is a multiple of ``block``."""
     batch, heads, length, dim_k = q.shape
@@ -52,12 +71,22 @@ def _forward_blocks(q, k, v, state, decays: _BlockDecays, block: int):
     out = torch.matmul(scores, vb)
     del scores
     block_kv = torch.matmul((kb * decays.key.unsqueeze(2)).transpose(-1, -2), vb)  # [B, H, N, D, E]
-    states_before = torch.empty(batch, heads, n_blocks, dim_k, dim_v, dtype=q.dtype, device=q.device)
-    for n in range(n_blocks):
-        states_before[:, :, n] = state
-        state = decays.block * state + block_kv[:, :, n]
+    states_before, state = _scan(block_kv, state, decays.block)
     out += torch.matmul(qb * decays.query.unsqueeze(2), states_before)
     return out.reshape(batch, heads, length, dim_v), state
+
+
+def _pieces(length: int, block: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, block_length)`` in time order: segments of whole blocks, then the short tail."""
+    segment = max(block, SEGMENT_TOKENS // block * block)
+    pieces, start = [], 0
+    while length - start >= block:
+        stop = start + (min(length, start + segment) - start) // block * block
+        pieces.append((start, stop, block))
+        start = stop
+    if start < length:
+        pieces.append((start, length, length - start))
+    return pieces
 
 
 def chunked_forward(q, k, v, rates, state, block_size: int):
@@ -66,118 +95,165 @@ def chunked_forward(q, k, v, rates, state, block_size: int):
     ``rates``: ``[H]`` fp32; ``state``: ``[B, H, D, E]`` fp32. Returns ``(o, final_state)``.
     """
     rates = rates.view(1, -1, 1, 1)
-    length = q.shape[2]
-    full_decays = _BlockDecays(rates, block_size)
-    segment = max(block_size, SEGMENT_TOKENS // block_size * block_size)
-    pieces = []
-    start = 0
-    while length - start >= block_size:
-        stop = min(length, start + segment)
-        stop = start + (stop - start) // block_size * block_size
-        out, state = _forward_blocks(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], state, full_decays, block_size)
-        pieces.append(out)
-        start = stop
-    if start < length:  # the tail block, shorter than block_size
-        tail = length - start
-        out, state = _forward_blocks(q[:, :, start:], k[:, :, start:], v[:, :, start:], state, _BlockDecays(rates, tail), tail)
-        pieces.append(out)
-    if not pieces:
+    decays = {}
+    outs = []
+    for start, stop, block in _pieces(q.shape[2], block_size):
+        if block not in decays:
+            decays[block] = _BlockDecays(rates, block)
+        out, state = _forward_blocks(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], state,
+                                     decays[block], block)
+        outs.append(out)
+    if not outs:
         return v.new_zeros(v.shape), state
-    return (torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]), state
+    return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]), state
 
 
-def _suffix_decay(rates, length, like):
-    """``lambda^{T-1-j}`` for every position j: how much of token j survives into the final state."""
-    pos = torch.arange(length, device=like.device, dtype=like.dtype)
-    return torch.exp(-rates.view(1, -1, 1, 1) * (length - 1 - pos).view(1, 1, -1, 1))
+def _state_after(k, v, state, decays: _BlockDecays, block: int):
+    """The state after a piece of whole blocks, without computing any output."""
+    batch, heads, length, dim_k = k.shape
+    n_blocks = length // block
+    kb = k.reshape(batch, heads, n_blocks, block, dim_k)
+    vb = v.reshape(batch, heads, n_blocks, block, v.shape[-1])
+    block_kv = torch.matmul((kb * decays.key.unsqueeze(2)).transpose(-1, -2), vb)
+    for n in range(n_blocks):
+        state = torch.addcmul(block_kv[:, :, n], state, decays.block)
+    return state
 
 
-def chunked_backward(q, k, v, rates, state0, grad_out, grad_final, scale, block_size, need_state_grad):
+def _backward_blocks(q, k, v, do, state_in, grad_state, decays: _BlockDecays, block: int):
+    """Gradients for one piece of whole blocks, walking it backwards in time.
+
+    ``state_in``: the forward state before the piece; ``grad_state``: the gradient reaching the
+    state at the piece's end from everything after it. Returns ``(dq, dk, dv, grad_state_in)``.
+    With ``M[i, j] = lambda^(i-j)`` (i >= j, else 0) inside a block, the intra-block parts share two
+    score matrices: ``A = (dO V^T) * M`` gives dq = A K and dk = A^T Q; ``P = (Q K^T) * M`` gives
+    dv = P^T dO. The inter-block parts read the forward states ``S_n`` (before block n) and the
+    reverse states ``R_n`` (gradient at the end of block n): dq += (dO * lambda^(i+1)) S_n^T,
+    dk += (V R_n^T) * lambda^(c-1-j), dv += (K * lambda^(c-1-j)) R_n.
+    """
+    batch, heads, length, dim_k = q.shape
+    dim_v = v.shape[-1]
+    n_blocks = length // block
+    qb = q.reshape(batch, heads, n_blocks, block, dim_k)
+    kb = k.reshape(batch, heads, n_blocks, block, dim_k)
+    vb = v.reshape(batch, heads, n_blocks, block, dim_v)
+    dob = do.reshape(batch, heads, n_blocks, block, dim_v)
+    query_decay, key_decay, intra = decays.query.unsqueeze(2), decays.key.unsqueeze(2), decays.intra.unsqueeze(2)
+
+    key_scaled = kb * key_decay
+    block_kv = torch.matmul(key_scaled.transpose(-1, -2), vb)  # [B, H, N, D, E]
+    states_before, _ = _scan(block_kv, state_in, decays.block)
+    del block_kv
+    do_scaled = dob * query_decay
+    block_qdo = torch.matmul((qb * query_decay).transpose(-1, -2), dob)  # [B, H, N, D, E]
+    grads_after, grad_state = _scan(block_qdo, grad_state, decays.block, reverse=True)
+    del block_qdo
+
+    scores = torch.matmul(dob, vb.transpose(-1, -2)).mul_(intra)  # A
+    dq = torch.matmul(scores, kb).add_(torch.matmul(do_scaled, states_before.transpose(-1, -2)))
+    dk = torch.matmul(scores.transpose(-1, -2), qb).add_(
+        torch.matmul(vb, grads_after.transpose(-1, -2)).mul_(key_decay))
+    scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(intra)  # P
+    dv = torch.matmul(scores.transpose(-1, -2), dob).add_(torch.matmul(key_scaled, grads_after))
+    shape = lambda x: x.reshape(batch, heads, length, x.shape[-1])  # noqa: E731
+    return shape(dq), shape(dk), shape(dv), grad_state
+
+
+def chunked_backward(q, k, v, rates, state0, grad_out, grad_final, scale, block_size, need_state_grad, out=None):
     """Gradients of ``o = scale * lightning(q, k, v; S0)`` and of its final state.
 
-    Returns ``(dq, dk, dv, d_state0)`` in fp32, ``[B, H, T, *]`` layout.
+    One pass forward over the pieces finds the state entering each (a cheap scan), then one pass
+    backwards computes every gradient of a piece from its q, k, v, dO and the two states, so
+    nothing of size T is stored beyond the gradients themselves. Returns ``(dq, dk, dv, d_state0)``
+    in fp32, ``[B, H, T, *]`` layout (written into ``out = (dq, dk, dv)`` when given, which may be
+    strided views); ``d_state0`` is None unless ``need_state_grad``. Inputs should be contiguous:
+    every block view of them is then free.
     """
-    length = q.shape[2]
-    flip = lambda x: x.flip(2)  # noqa: E731 - reversal in time
-    zeros_ed = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1], q.shape[-1])
-    # dq_t = scale * sum_{j<=t} lambda^{t-j} (do_t . v_j) k_j + scale * lambda^{t+1} do_t S0^T
-    dq, _ = chunked_forward(grad_out, v, k, rates, state0.transpose(-1, -2).contiguous(), block_size)
-    # dk_j = scale * sum_{t>=j} lambda^{t-j} (v_j . do_t) q_t : the same operator backwards in time.
-    dk_rev, sum_do_q = chunked_forward(flip(v), flip(grad_out), flip(q), rates, zeros_ed, block_size)
-    dv_rev, _ = chunked_forward(flip(k), flip(q), flip(grad_out), rates, zeros_ed.transpose(-1, -2), block_size)
-    dq, dk, dv = dq * scale, flip(dk_rev) * scale, flip(dv_rev) * scale
-    decay = torch.exp(-rates.view(1, -1, 1, 1))
-    d_state0 = None
-    if need_state_grad:
-        # sum_do_q = sum_t lambda^t do_t^T q_t; dS0 needs lambda^{t+1} q_t^T do_t.
-        d_state0 = scale * decay * sum_do_q.transpose(-1, -2)
-    if grad_final is not None:
-        survive = _suffix_decay(rates, length, q)
-        dk = dk + survive * torch.matmul(v, grad_final.transpose(-1, -2))
-        dv = dv + survive * torch.matmul(k, grad_final)
-        if need_state_grad:
-            d_state0 = d_state0 + torch.exp(-rates.view(1, -1, 1, 1) * length) * grad_final
-    return dq, dk, dv, d_state0
+    rates = rates.view(1, -1, 1, 1)
+    pieces = _pieces(q.shape[2], block_size)
+    decays = {block: _BlockDecays(rates, block) for _, _, block in pieces}
+    states_in, state = [], state0
+    for start, stop, block in pieces[:-1]:
+        states_in.append(state)
+        state = _state_after(k[:, :, start:stop], v[:, :, start:stop], state, decays[block], block)
+    states_in.append(state)
+    do = grad_out * scale  # o is scaled, the final state is not
+    grad_state = grad_final if grad_final is not None else state0.new_zeros(state0.shape)
+    dq, dk, dv = out if out is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    for (start, stop, block), state_in in zip(reversed(pieces), reversed(states_in)):
+        window = (slice(None), slice(None), slice(start, stop))
+        dq[window], dk[window], dv[window], grad_state = _backward_blocks(
+            q[window], k[window], v[window], do[window], state_in, grad_state, decays[block], block)
+    return dq, dk, dv, (grad_state if need_state_grad else None)
 
 
-def _sequence_bounds(cu_seqlens, batch, length):
-    """(batch index, start, stop) for each sequence: whole rows, or the varlen pieces of row 0."""
+def _sequences(cu_seqlens, batch):
+    """``(rows, start, stop, states)``: the whole batch at once, or each packed document of row 0."""
     if cu_seqlens is None:
-        return [(b, 0, length) for b in range(batch)]
+        return [(slice(0, batch), 0, None, slice(0, batch))]
     bounds = cu_seqlens.tolist()
-    return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    return [(slice(0, 1), bounds[i], bounds[i + 1], slice(i, i + 1)) for i in range(len(bounds) - 1)]
+
+
+def _heads_first(x, rows, start, stop):
+    """``x[rows, start:stop]`` of a ``[B, T, H, *]`` tensor as a contiguous fp32 ``[b, H, t, *]`` copy:
+    one copy here makes every block view and batched matmul below copy-free."""
+    source = x[rows, start:stop].transpose(1, 2)
+    # (`.to(float32, memory_format=...)` returns a strided fp32 input unchanged, hence the explicit copy)
+    return torch.empty(source.shape, dtype=torch.float32, device=x.device).copy_(source)
 
 
 class ChunkedLightningAttn(torch.autograd.Function):
-    """Autograd wrapper: public ``[B, T, H, *]`` layout in, fp32 compute, analytic backward."""
+    """Autograd wrapper: public ``[B, T, H, *]`` layout in and out, fp32 compute, analytic backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, rates, scale, initial_state, cu_seqlens, block_size):
-        qf, kf, vf = (x.transpose(1, 2).float() for x in (q, k, v))
-        batch, heads, length, dim_k = qf.shape
-        dim_v = vf.shape[-1]
+        batch, length, heads, dim_k = q.shape
+        dim_v = v.shape[-1]
         rates = rates.float()
-        out = torch.empty(batch, heads, length, dim_v, dtype=torch.float32, device=q.device)
-        seqs = _sequence_bounds(cu_seqlens, batch, length)
+        out = torch.empty(batch, length, heads, dim_v, dtype=torch.float32, device=q.device)
         finals = []
-        for n, (b, start, stop) in enumerate(seqs):
+        for rows, start, stop, states in _sequences(cu_seqlens, batch):
+            n_rows = rows.stop - rows.start
             if initial_state is None:
-                state = qf.new_zeros(1, heads, dim_k, dim_v)
+                state = q.new_zeros(n_rows, heads, dim_k, dim_v, dtype=torch.float32)
             else:
-                state = initial_state[n : n + 1].float()
-            piece, final = chunked_forward(
-                qf[b : b + 1, :, start:stop], kf[b : b + 1, :, start:stop], vf[b : b + 1, :, start:stop], rates, state, block_size
-            )
-            out[b : b + 1, :, start:stop] = piece * scale
+                state = initial_state[states].float()
+            piece, final = chunked_forward(_heads_first(q, rows, start, stop), _heads_first(k, rows, start, stop),
+                                           _heads_first(v, rows, start, stop), rates, state, block_size)
+            torch.mul(piece, scale, out=out[rows, start:stop].transpose(1, 2))
             finals.append(final)
-        final_state = torch.cat(finals, dim=0) if finals else qf.new_zeros(0, heads, dim_k, dim_v)
+        final_state = torch.cat(finals, dim=0) if len(finals) > 1 else finals[0]
         ctx.save_for_backward(q, k, v, rates, initial_state, cu_seqlens)
         ctx.scale, ctx.block_size = scale, block_size
         ctx.mark_non_differentiable(rates)
-        return out.transpose(1, 2).to(q.dtype), final_state
+        return out.to(q.dtype), final_state
 
     @staticmethod
     def backward(ctx, grad_out, grad_final):
         q, k, v, rates, initial_state, cu_seqlens = ctx.saved_tensors
-        qf, kf, vf = (x.transpose(1, 2).float() for x in (q, k, v))
-        batch, heads, length, dim_k = qf.shape
-        dim_v = vf.shape[-1]
-        go = grad_out.transpose(1, 2).float() if grad_out is not None else torch.zeros_like(vf)
+        batch, length, heads, dim_k = q.shape
+        dim_v = v.shape[-1]
+        if grad_out is None:
+            grad_out = v.new_zeros(v.shape)
         need_state_grad = initial_state is not None and ctx.needs_input_grad[5]
-        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        grads = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v)]
         d_states = []
-        for n, (b, start, stop) in enumerate(_sequence_bounds(cu_seqlens, batch, length)):
-            rows = (slice(b, b + 1), slice(None), slice(start, stop))
+        for rows, start, stop, states in _sequences(cu_seqlens, batch):
+            n_rows = rows.stop - rows.start
             if initial_state is None:
-                state0 = qf.new_zeros(1, heads, dim_k, dim_v)
+                state0 = q.new_zeros(n_rows, heads, dim_k, dim_v, dtype=torch.float32)
             else:
-                state0 = initial_state[n : n + 1].float()
-            gf = grad_final[n : n + 1].float() if grad_final is not None else None
-            dq_n, dk_n, dv_n, ds_n = chunked_backward(
-                qf[rows], kf[rows], vf[rows], rates, state0, go[rows], gf, ctx.scale, ctx.block_size, need_state_grad
-            )
-            dq[rows], dk[rows], dv[rows] = dq_n, dk_n, dv_n
-            d_states.append(ds_n)
-        d_initial = torch.cat(d_states, dim=0).to(initial_state.dtype) if need_state_grad else None
-        back = lambda g, like: g.transpose(1, 2).to(like.dtype)  # noqa: E731
-        return back(dq, q), back(dk, k), back(dv, v), None, None, d_initial, None, None
+                state0 = initial_state[states].float()
+            gf = grad_final[states].float() if grad_final is not None else None
+            views = tuple(g[rows, start:stop].transpose(1, 2) for g in grads)
+            _, _, _, ds = chunked_backward(
+                _heads_first(q, rows, start, stop), _heads_first(k, rows, start, stop),
+                _heads_first(v, rows, start, stop), rates, state0, _heads_first(grad_out, rows, start, stop), gf,
+                ctx.scale, ctx.block_size, need_state_grad, out=views)
+            d_states.append(ds)
+        d_initial = None
+        if need_state_grad:
+            d_initial = (torch.cat(d_states, dim=0) if len(d_states) > 1 else d_states[0]).to(initial_state.dtype)
+        dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+        return dq, dk, dv, None, None, d_initial, None, None

@@ -19,8 +19,9 @@ extra. A ``REVERSE`` switch runs the same kernels backwards in time (sequence
 position ``p`` reads token ``end - 1 - p``), which the backward needs.
 
 The backward reuses the forward, because the gradients of this recurrence are
-themselves lightning attentions (see ``kernels/chunked.py::chunked_backward``):
-``dq = scale * L(do, v, k; S0^T)``, and ``dk``, ``dv`` are reverse-time runs.
+themselves lightning attentions: ``dq = scale * L(do, v, k; S0^T)``, and ``dk``,
+``dv`` are reverse-time runs. (The CPU path, ``kernels/chunked.py::chunked_backward``,
+fuses the three into one backwards walk instead; a fused Triton backward is future work.)
 The ``lambda^{T-1-j}`` terms from ``d final_state`` are added inside the output
 kernel (``bonus`` state, factor ``lambda^p`` with ``p`` the reverse position),
 so each gradient is summed in fp32 and rounded exactly once when stored.

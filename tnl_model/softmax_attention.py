@@ -80,6 +80,8 @@ class TNLSoftmaxAttention(nn.Module):
             out, weights = self._eager(q, k, v, build_attention_mask(key_mask, past, length, cu_seqlens, x.device), past, dropout)
         elif self._can_use_flash(q, key_mask):
             out = self._flash(q, k, v, cu_seqlens, dropout)
+        elif past > 0 and length > 1 and key_mask is None and cu_seqlens is None and dropout == 0.0 and not q.is_cuda:
+            out = self._after_cache_cpu(q, k, v, past)
         else:
             mask = build_attention_mask(key_mask, past, length, cu_seqlens, x.device)
             out = F.scaled_dot_product_attention(
@@ -110,6 +112,25 @@ class TNLSoftmaxAttention(nn.Module):
         else:
             out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.scaling, causal=True)
         return out.transpose(1, 2)
+
+    def _after_cache_cpu(self, q, k, v, past):
+        """Queries at positions ``past ..`` over the cached keys and their own, on the CPU.
+
+        SDPA would need an explicit ``[T, past+T]`` mask here (its causal mask is aligned top-left),
+        which sends it to the math kernel: the whole score matrix in memory, growing with the cache.
+        Instead the cached prefix is attended without a mask and the new block causally (a square,
+        where both alignments agree), each by the tiled CPU flash kernel, which also returns the
+        log-sum-exp of each row; the two partial softmaxes are then merged exactly."""
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_old, lse_old = flash(q, k[:, :, :past], v[:, :, :past], 0.0, False, scale=self.scaling)
+        out_new, lse_new = flash(q, k[:, :, past:], v[:, :, past:], 0.0, True, scale=self.scaling)
+        lse = torch.logaddexp(lse_old, lse_new)
+        merged = (out_old.float() * torch.exp(lse_old - lse).unsqueeze(-1)
+                  + out_new.float() * torch.exp(lse_new - lse).unsqueeze(-1))
+        return merged.to(q.dtype)
 
     def _eager(self, q, k, v, mask, past, dropout):
         groups = self.num_heads // self.num_kv_heads

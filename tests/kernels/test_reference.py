@@ -68,6 +68,32 @@ def test_production_path_forward_and_backward_match_fp64_recurrence(shape, block
         assert rel(got, want) < 5 * TOLERANCE[torch.float32], name
 
 
+@pytest.mark.parametrize("with_state, use_final", [(True, True), (False, False), (True, False)])
+def test_production_path_across_segments_and_a_tail(monkeypatch, with_state, use_final):
+    """Several segments (of 4 blocks of 8), a whole block and a 3-token tail: the backward walks
+    them in reverse, handing the state gradient across every boundary."""
+    import tnl_kernels.chunked as chunked
+
+    monkeypatch.setattr(chunked, "SEGMENT_TOKENS", 32)
+    assert chunked._pieces(107, 8) == [(0, 32, 8), (32, 64, 8), (64, 96, 8), (96, 104, 8), (104, 107, 3)]
+    q, k, v, s, state = inputs(2, 107, 3, 16, 24, seed=5)
+    state = state if with_state else None
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v)] + ([state.clone().requires_grad_()] if with_state else [])
+    out64, final64 = ref.lightning_attn_recurrent(*leaves64[:3], s, scale=0.7, initial_state=leaves64[3] if with_state else None)
+    g = torch.Generator().manual_seed(2)
+    grad_out, grad_final = torch.randn(out64.shape, generator=g, dtype=torch.float64), torch.randn(final64.shape, generator=g, dtype=torch.float64)
+    loss64 = (out64 * grad_out).sum() + ((final64 * grad_final).sum() if use_final else 0)
+    truth = torch.autograd.grad(loss64, leaves64)
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves64]
+    out, final = lightning_attn(*leaves32[:3], s.float(), scale=0.7, initial_state=leaves32[3] if with_state else None,
+                                output_final_state=True, backend="torch", block_size=8)
+    assert rel(out, out64) < TOLERANCE[torch.float32] and rel(final, final64) < TOLERANCE[torch.float32]
+    loss = (out * grad_out.float()).sum() + ((final * grad_final.float()).sum() if use_final else 0)
+    grads = torch.autograd.grad(loss, leaves32)
+    for name, got, want in zip(("dq", "dk", "dv", "d_state"), grads, truth):
+        assert rel(got, want) < 5 * TOLERANCE[torch.float32], name
+
+
 def test_reference_chunked_form_gradients_match_recurrence():
     q, k, v, s, state = inputs(2, 37, 2, 16, 16, seed=4)
     grads = []
