@@ -60,12 +60,17 @@ class TNLDecoderLayer(GradientCheckpointingLayer):
                                              cu_seqlens=cu_seqlens, rotary=rotary, output_attentions=output_attentions)
         # Post-norm (MiniMax): the residual branch carries the normalised input, scaled by alpha.
         residual = normed if self.postnorm else hidden
-        hidden = residual * self.attn_alpha + mixed * self.attn_beta
+        hidden = _scaled_sum(residual, self.attn_alpha, mixed, self.attn_beta)
         normed = self.post_attention_layernorm(hidden)
         ffn_out, router_logits = self.mlp(normed)
         residual = normed if self.postnorm else hidden
-        hidden = residual * self.mlp_alpha + ffn_out * self.mlp_beta
+        hidden = _scaled_sum(residual, self.mlp_alpha, ffn_out, self.mlp_beta)
         return hidden, router_logits, attn_weights
+
+
+def _scaled_sum(residual, alpha: float, branch, beta: float):
+    """``residual * alpha + branch * beta`` in one pass when beta is 1 (the usual case)."""
+    return torch.add(branch if beta == 1 else branch * beta, residual, alpha=alpha)
 
 
 class TNLPreTrainedModel(StrictLoadingMixin, PreTrainedModel):

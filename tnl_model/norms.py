@@ -4,6 +4,36 @@ import torch
 from torch import nn
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` with a hand-written backward.
+
+    Autograd through pow / mean / rsqrt / mul keeps four activation-sized tensors and runs a
+    dozen passes over them; this keeps x and one scalar per row and runs about four.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * (xf * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.float() * inv_rms
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.float() * normed.to(x.dtype).float()).reshape(-1, normed.shape[-1]).sum(0)
+            grad_weight = grad_weight.to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of x * r with r = rsqrt(mean(x^2) + eps): r * (g - normed * mean(g * normed))
+            g = grad.float() * weight.float()
+            grad_x = (g - normed * (g * normed).mean(-1, keepdim=True)).mul_(inv_rms).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
     """Weighted RMSNorm computed in fp32 and cast back (the MiniMax / T5 form)."""
 
@@ -13,10 +43,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
