@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tnl_kernels.moe_dispatch import grouped_mm_supported, moe_dispatch
+from tnl_kernels.moe_dispatch import choose_implementation, grouped_mm_supported, moe_dispatch
 
 
 def dense_reference(hidden, gate_up, down, topk_index, topk_weight):
@@ -60,3 +60,15 @@ def test_auto_falls_back_to_loop_for_unaligned_sizes():
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="grouped_mm does not support"):
         moe_dispatch(x, gate_up, down, index, weight, impl="grouped_mm")
+
+
+def test_auto_uses_the_loop_for_cpu_inference_and_grouped_mm_under_autograd():
+    x, gate_up, down, index, weight = make(16, 4, 32, 16, 2, torch.float32)
+    assert choose_implementation(x, gate_up, down) == "loop"  # nothing requires grad: nothing is recorded
+    trainable = gate_up.clone().requires_grad_()
+    assert choose_implementation(x, trainable, down) == "grouped_mm"
+    with torch.no_grad():
+        assert choose_implementation(x, trainable, down) == "loop"
+        assert choose_implementation(x, trainable, down, impl="grouped_mm") == "grouped_mm"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        choose_implementation(x, gate_up, down, impl="scatter")
