@@ -1,14 +1,14 @@
 """Shared helpers for the benchmark scripts: timing medians, peak-memory sampling, result files.
 
-Peak memory on CPU is the resident-set high-water mark above the level just before
-the measured call, sampled every millisecond from /proc (torch's CPU allocator has
-no counters). On CUDA it is ``torch.cuda.max_memory_allocated`` above the start.
+Timings on CPU run under the "retain" allocator mode of ``tnl_model.cpu_allocator`` (the
+one the package's entry points use). Peak memory on CPU is measured in separate runs
+under its "strict" mode: the resident-set high-water mark above the level just before
+the measured call, sampled every millisecond from /proc (torch's CPU allocator has no
+counters). On CUDA it is ``torch.cuda.max_memory_allocated`` above the start.
 """
 
 import json
-import os
 import platform
-import sys
 import statistics
 import threading
 import time
@@ -17,20 +17,16 @@ from pathlib import Path
 
 import torch
 
+from tnl_model.cpu_allocator import configure_cpu_allocator
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# Every allocation above 64 KiB is its own mmap, unmapped on free: resident memory then follows
-# live tensors, so the RSS high-water mark of a call does not depend on what ran before it
-# (glibc otherwise raises this threshold dynamically and reuses heap pages across calls).
-PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-
-
-def pin_allocator() -> None:
-    """Re-run the current script with the pinned allocator settings (once)."""
-    if all(os.environ.get(k) == v for k, v in PINNED_ALLOCATOR.items()):
-        return
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_ALLOCATOR})
+def fast_cpu_allocator() -> None:
+    """Time under the allocator the package's entry points use on CPU (freed memory is reused, so
+    large tensors pay no page faults: tnl_model.cpu_allocator). peak_memory() switches to the
+    strict mode for its block, so that resident memory follows live tensors while it measures."""
+    configure_cpu_allocator("retain")
 
 
 def synchronize(device) -> None:
@@ -59,7 +55,11 @@ def _rss_bytes() -> int:
 
 @contextmanager
 def peak_memory(device="cpu"):
-    """Yields a dict whose ``"peak_mb"`` is filled with the peak growth during the block."""
+    """Yields a dict whose ``"peak_mb"`` is filled with the peak growth during the block.
+
+    On CPU the block runs under the strict allocator (every allocation above 64 KiB its own
+    mapping, returned when freed), which is slow: time other runs, not this one.
+    """
     result = {}
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -69,6 +69,7 @@ def peak_memory(device="cpu"):
         torch.cuda.synchronize()
         result["peak_mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
         return
+    configure_cpu_allocator("strict")
     start, peak, stop = _rss_bytes(), [0], threading.Event()
 
     def sample():
@@ -84,6 +85,7 @@ def peak_memory(device="cpu"):
         stop.set()
         sampler.join()
         result["peak_mb"] = max(0, max(peak[0], _rss_bytes()) - start) / 2**20
+        configure_cpu_allocator("retain")
 
 
 def environment() -> dict:

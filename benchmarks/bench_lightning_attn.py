@@ -24,7 +24,6 @@ and writes nothing unless ``--out`` is given. It only checks that the script wor
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time

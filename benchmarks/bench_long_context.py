@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, peak_memory, pin_allocator, print_table, save_results, synchronize  # noqa: E402
+from bench_common import RESULTS, fast_cpu_allocator, peak_memory, print_table, save_results, synchronize  # noqa: E402
 
 import tnl_model  # noqa: E402,F401
 from tnl_model import TNLConfig, TNLForCausalLM  # noqa: E402
@@ -45,17 +45,23 @@ def kv_bytes_per_token(config: TNLConfig, dtype_bytes: int) -> int:
     return softmax_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
-def measure(model, context: int, device, decode_steps: int = 24) -> dict:
-    ids = torch.randint(3, model.config.vocab_size, (1, context + decode_steps), device=device)
-    with torch.no_grad(), peak_memory(device) as prefill_mem:
+def measure(model, context: int, device, decode_steps: int = 24, memory_steps: int = 4) -> dict:
+    """Prefill time and decode ms/token (timed runs), and their peak memory (separate runs under the
+    strict allocator, see bench_common)."""
+    ids = torch.randint(3, model.config.vocab_size, (1, context + memory_steps + decode_steps), device=device)
+    with torch.no_grad():
+        with peak_memory(device) as prefill_mem:
+            model(ids[:, :context], use_cache=True, logits_to_keep=1)
         synchronize(device)
         start = time.perf_counter()
-        out = model(ids[:, :context], use_cache=True, logits_to_keep=1)
+        cache = model(ids[:, :context], use_cache=True, logits_to_keep=1).cache
         synchronize(device)
         prefill_s = time.perf_counter() - start
-    cache, per_token = out.cache, []
-    with torch.no_grad(), peak_memory(device) as decode_mem:
-        for t in range(context, context + decode_steps):
+        with peak_memory(device) as decode_mem:
+            for t in range(context, context + memory_steps):
+                model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        per_token = []
+        for t in range(context + memory_steps, context + memory_steps + decode_steps):
             synchronize(device)
             start = time.perf_counter()
             model(ids[:, t : t + 1], cache=cache, use_cache=True)
@@ -100,12 +106,13 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.device == "cpu":
-        pin_allocator()
+        fast_cpu_allocator()
     dtype = getattr(torch, args.dtype)
     max_linear = args.max_context or (16384 if args.quick else 262144)
     max_hybrid = args.max_hybrid_context or min(max_linear, 16384 if args.quick else 65536)
 
-    payload = {"chunk": args.chunk, "device": args.device, "dtype": args.dtype, "runs": {}}
+    payload = {"chunk": args.chunk, "device": args.device, "dtype": args.dtype, "runs": {},
+               "cpu_allocator": "timings: retain, memory: strict (tnl_model.cpu_allocator)"}
     for pattern, longest in (("all_linear", max_linear), ("hybrid", max_hybrid)):
         torch.manual_seed(0)
         config = make_config(pattern, args.chunk, max_linear)

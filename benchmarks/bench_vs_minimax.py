@@ -26,13 +26,15 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, median_time, pin_allocator, peak_memory, print_table, save_results, synchronize  # noqa: E402
+from bench_common import (RESULTS, fast_cpu_allocator, median_time, peak_memory, print_table, save_results,  # noqa: E402
+                          synchronize)
 
 import tnl_model  # noqa: E402,F401
 from tnl_kernels import build_slopes, lightning_attn  # noqa: E402
@@ -71,16 +73,12 @@ def parity(ours, theirs, device) -> float:
 
 
 def timed(fn, device, repeats, warmup):
-    """(median seconds, peak MB over the timed runs)."""
-    peaks = []
+    """(median seconds over ``repeats`` runs after ``warmup``, peak MB of one separate run).
 
-    def measured():
-        with peak_memory(device) as mem:
-            fn()
-        peaks.append(mem["peak_mb"])
-
-    seconds = median_time(measured, repeats=repeats, warmup=warmup, device=device)
-    return seconds, max(peaks[warmup:] or peaks)
+    The memory run comes first and is never timed: it runs under the strict allocator."""
+    with peak_memory(device) as mem:
+        fn()
+    return median_time(fn, repeats=repeats, warmup=warmup, device=device), mem["peak_mb"]
 
 
 def repeats_for(tokens):
@@ -107,37 +105,42 @@ def bench_continuation(models, device, prompt_len, cont_len):
     ids = torch.randint(0, 4096, (1, prompt_len + cont_len), device=device)
     result = {"prompt": prompt_len, "continuation": cont_len}
     for name, model in models.items():
-        times, peaks = [], []
-        for _ in range(2):
+        def continue_prompt(measure_memory=False):
             with torch.no_grad():
                 cache = model(ids[:, :prompt_len], use_cache=True, logits_to_keep=1).cache
                 synchronize(device)
-                with peak_memory(device) as mem:
+                with peak_memory(device) if measure_memory else nullcontext({}) as mem:
                     start = time.perf_counter()
                     model(ids[:, prompt_len:], cache=cache, use_cache=True, logits_to_keep=1)
                     synchronize(device)
-                    times.append(time.perf_counter() - start)
-            peaks.append(mem["peak_mb"])
-        result[name] = {"s": statistics.median(times), "peak_mb": max(peaks)}
+                    return time.perf_counter() - start, mem
+
+        _, mem = continue_prompt(measure_memory=True)
+        times = [continue_prompt()[0] for _ in range(3)]  # the first one warms up
+        result[name] = {"s": statistics.median(times[1:]), "peak_mb": mem["peak_mb"]}
     return result
 
 
-def bench_decode(models, device, contexts, steps=16):
+def bench_decode(models, device, contexts, steps=16, memory_steps=4):
+    """ms per token after a prompt of each context length (median of ``steps`` timed steps), and the
+    memory growth of ``memory_steps`` earlier steps measured separately."""
     rows = []
     for context in contexts:
-        ids = torch.randint(0, 4096, (1, context + steps), device=device)
+        ids = torch.randint(0, 4096, (1, context + memory_steps + steps), device=device)
         result = {"context": context}
         for name, model in models.items():
             with torch.no_grad():
                 cache = model(ids[:, :context], use_cache=True, logits_to_keep=1).cache
-                per_token = []
                 with peak_memory(device) as mem:
-                    for t in range(context, context + steps):
-                        synchronize(device)
-                        start = time.perf_counter()
+                    for t in range(context, context + memory_steps):
                         model(ids[:, t : t + 1], cache=cache, use_cache=True)
-                        synchronize(device)
-                        per_token.append(time.perf_counter() - start)
+                per_token = []
+                for t in range(context + memory_steps, context + memory_steps + steps):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    model(ids[:, t : t + 1], cache=cache, use_cache=True)
+                    synchronize(device)
+                    per_token.append(time.perf_counter() - start)
             result[name] = {"ms_per_token": 1e3 * statistics.median(per_token[2:]), "peak_mb": mem["peak_mb"]}
         rows.append(result)
     return rows
@@ -181,8 +184,14 @@ def bench_operator(device, dtype, lengths, heads=8, dim=64):
     return rows
 
 
-def time_split(model, device, length, classes: dict) -> dict:
-    """Seconds spent per layer type in one no-grad prefill (forward hooks on the mixer and FFN modules)."""
+LAYER_CLASSES = {
+    "ours": {"TNLLightningAttention": "lightning", "TNLSoftmaxAttention": "softmax", "TNLSparseMoeBlock": "moe"},
+    "theirs": {"MiniMaxLightningAttention": "lightning", "MiniMaxAttention": "softmax", "MiniMaxSparseMoeBlock": "moe"},
+}
+
+
+def time_split(model, device, run, classes: dict) -> dict:
+    """Seconds spent per layer type during ``run()`` (forward hooks on the mixer and FFN modules)."""
     spent, started, handles = defaultdict(float), {}, []
     for module in model.modules():
         kind = classes.get(type(module).__name__)
@@ -198,11 +207,10 @@ def time_split(model, device, length, classes: dict) -> dict:
             spent[kind] += time.perf_counter() - started.pop(id(mod))
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    ids = torch.randint(0, 4096, (1, length), device=device)
     with torch.no_grad():
         synchronize(device)
         start = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1)
+        run()
         synchronize(device)
         total = time.perf_counter() - start
     for handle in handles:
@@ -211,6 +219,25 @@ def time_split(model, device, length, classes: dict) -> dict:
     split["other"] = round(total - sum(spent.values()), 4)
     split["total"] = round(total, 4)
     return split
+
+
+def prefill_split(models, device, length) -> dict:
+    ids = torch.randint(0, 4096, (1, length), device=device)
+    return {"T": length, **{name: time_split(model, device, lambda m=model: m(ids, use_cache=True, logits_to_keep=1),
+                                             LAYER_CLASSES[name]) for name, model in models.items()}}
+
+
+def continuation_split(models, device, prompt_len, cont_len) -> dict:
+    """Where a continuation's time goes: transformers runs its lightning layers token by token once a
+    cache exists, so their ratio is the operator's gain, diluted by the layers both compute alike."""
+    ids = torch.randint(0, 4096, (1, prompt_len + cont_len), device=device)
+    result = {"prompt": prompt_len, "continuation": cont_len}
+    for name, model in models.items():
+        with torch.no_grad():
+            cache = model(ids[:, :prompt_len], use_cache=True, logits_to_keep=1).cache
+        result[name] = time_split(model, device, lambda: model(ids[:, prompt_len:], cache=cache, use_cache=True,
+                                                              logits_to_keep=1), LAYER_CLASSES[name])
+    return result
 
 
 def plot(payload, path):
@@ -247,7 +274,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.device == "cpu":
-        pin_allocator()
+        fast_cpu_allocator()
     sizes = QUICK if args.quick else FULL
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -258,23 +285,20 @@ def main(argv=None):
     models = {"ours": ours, "theirs": theirs}
 
     payload = {"config": "8 layers (softmax at 7), hidden 512, 8 heads x 64, 8 experts top-2, vocab 4096",
-               "device": device, "dtype": args.dtype, "parity_relative_error": error}
+               "device": device, "dtype": args.dtype, "parity_relative_error": error,
+               "cpu_allocator": "timings: retain, memory: strict (tnl_model.cpu_allocator)"}
     payload["prefill"] = bench_prefill(models, device, sizes["prefill"])
     payload["continuation"] = bench_continuation(models, device, *sizes["continuation"])
     payload["decode"] = bench_decode(models, device, sizes["decode"])
     payload["train"] = bench_train(models, device, sizes["train"])
     payload["operator"] = bench_operator(device, dtype, sizes["operator"])
-    split_length = sizes["prefill"][-2]
-    payload["time_split"] = {
-        "T": split_length,
-        "ours": time_split(ours, device, split_length, {"TNLLightningAttention": "lightning", "TNLSoftmaxAttention": "softmax",
-                                                        "TNLSparseMoeBlock": "moe"}),
-        "theirs": time_split(theirs, device, split_length, {"MiniMaxLightningAttention": "lightning",
-                                                            "MiniMaxAttention": "softmax", "MiniMaxSparseMoeBlock": "moe"}),
-    }
+    payload["time_split"] = prefill_split(models, device, sizes["prefill"][-2])
+    payload["continuation_split"] = continuation_split(models, device, *sizes["continuation"])
     speedups = {f"prefill T={r['T']}": r["theirs"]["s"] / r["ours"]["s"] for r in payload["prefill"]}
     cont = payload["continuation"]
     speedups[f"continuation {cont['continuation']} after {cont['prompt']}"] = cont["theirs"]["s"] / cont["ours"]["s"]
+    cont_split = payload["continuation_split"]
+    speedups["continuation, lightning layers"] = cont_split["theirs"]["lightning"] / cont_split["ours"]["lightning"]
     speedups.update({f"decode ctx={r['context']}": r["theirs"]["ms_per_token"] / r["ours"]["ms_per_token"] for r in payload["decode"]})
     speedups[f"train step T={payload['train']['T']}"] = payload["train"]["ours"]["tok_per_s"] / payload["train"]["theirs"]["tok_per_s"]
     for r in payload["operator"]:
@@ -303,6 +327,8 @@ def main(argv=None):
     kinds = ["lightning", "softmax", "moe", "other", "total"]
     print_table(f"time split of one prefill at T={split['T']} (s)", ["model", *kinds],
                 [[name, *[split[name].get(k, 0.0) for k in kinds]] for name in ("ours", "theirs")])
+    print_table(f"time split of the continuation ({cont_split['continuation']} after {cont_split['prompt']}, s)",
+                ["model", *kinds], [[name, *[cont_split[name].get(k, 0.0) for k in kinds]] for name in ("ours", "theirs")])
 
     tag = f"{device}_{args.dtype}{'_quick' if args.quick else ''}"
     save_results(f"bench_vs_minimax_{tag}", payload, args.out, plot)

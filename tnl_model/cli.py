@@ -22,6 +22,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from .cpu_allocator import configure_from_env
+
 FORWARDED = {
     "convert": ("tnl_model.convert", "convert checkpoints between MiniMax-Text-01 and TNL"),
     "train": ("tnl_training.pretrain", "DeepSpeed pretraining (run under the deepspeed launcher for >1 process)"),
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        configure_from_env()  # reuse freed CPU memory instead of page-faulting fresh tensors
         return args.func(args)
     except CLIError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tnl_model  # noqa: F401 - registers the Auto classes
+from tnl_model.cpu_allocator import configure_from_env
 
 
 def main(argv=None) -> int:
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
+    configure_from_env()
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(args.config)

@@ -240,3 +240,62 @@ def test_bf16_on_gpu(length):
     slopes = torch.tensor([0.0, 0.01, 0.1, 0.5], device=DEVICE)
     kwargs = dict(scale=1.0, use_state0=True)
     assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), torch.bfloat16)
+
+
+# ------------------------------------------------------------------ real sizes, GPU only
+# The interpreter would take hours at these sizes; scripts/gpu_session.sh runs them on a lent GPU.
+
+GPU_ONLY = pytest.mark.skipif(not CUDA, reason="real sizes need a GPU")
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 96, 128, 256])
+def test_real_sizes_on_gpu(dim, dtype):
+    """T = 4099 (64 chunks and a 3-token tail), every gradient, against the fp64 chunked form."""
+    inputs = make_inputs(2, 4099, 4, dim, dim, dtype, seed=dim)
+    slopes = torch.tensor([0.0, 0.002, 0.05, 0.5], device=DEVICE)
+    kwargs = dict(scale=1.0, use_state0=True)
+    as64 = {name: x.double() for name, x in inputs.items()}
+    expected = run_with_grads(lightning_attn_chunked, as64, slopes.double(), block_size=256, **kwargs)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), expected, dtype)
+
+
+@GPU_ONLY
+def test_varlen_at_real_sizes_on_gpu():
+    lengths = [1000, 3001, 64, 4000, 1]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    inputs = make_inputs(1, int(bounds[-1]), 4, 128, 128, torch.bfloat16, n_states=len(lengths), seed=11)
+    slopes = torch.tensor([0.0, 0.01, 0.1, 0.5], device=DEVICE)
+    packed = triton_run(inputs, slopes, scale=1.0, use_state0=True, cu_seqlens=bounds)
+    for n, (start, stop) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        piece = {name: inputs[name][:, start:stop] for name in ("q", "k", "v", "grad_out")}
+        piece.update({name: inputs[name][n : n + 1] for name in ("state0", "grad_final")})
+        alone = triton_run(piece, slopes, scale=1.0, use_state0=True)
+        for name in ("o", "dq", "dk", "dv"):
+            assert_close(packed[name][:, start:stop], alone[name].float(), torch.bfloat16, f"sequence {n} {name}")
+        for name in ("final", "dstate0"):
+            assert_close(packed[name][n : n + 1], alone[name], torch.bfloat16, f"sequence {n} {name}")
+
+
+@GPU_ONLY
+def test_model_on_gpu_uses_triton_and_generates_like_the_full_forward(monkeypatch):
+    """bf16 TNL model on CUDA: the lightning layers run the Triton kernels (auto backend), and
+    prefill + token-by-token decode gives the logits of one full forward."""
+    from tnl_model.testing import build_model, random_ids, tiny_config
+
+    calls, original = [], triton_backend.lightning_attn_triton
+    monkeypatch.setattr(triton_backend, "lightning_attn_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = build_model(tiny_config(hidden_size=256, num_attention_heads=4, head_dim=64, rotary_dim=64))
+    model = model.to(device=DEVICE, dtype=torch.bfloat16)
+    ids = random_ids(2, 300, seed=12).to(DEVICE)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits.float()
+        out = model(ids[:, :256], use_cache=True)
+        steps, cache = [out.logits.float()], out.cache
+        for t in range(256, 300):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits.float())
+    assert calls, "the lightning layers did not use the Triton backend on CUDA"
+    stepped = torch.cat(steps, dim=1)
+    assert relative_error(stepped, full) < 3e-2
