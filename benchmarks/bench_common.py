@@ -48,6 +48,24 @@ def median_time(fn, repeats: int = 3, warmup: int = 1, device="cpu") -> float:
     return statistics.median(times)
 
 
+def decode_steps(model, ids, context: int, cache, device, memory_steps: int, timed_steps: int, skip: int) -> dict:
+    """Feed ``ids[:, context:]`` one token at a time through ``cache``: the first ``memory_steps``
+    under peak_memory(), then ``timed_steps`` timed ones. Returns the median ms per token (the
+    first ``skip`` timed steps left out) and the memory growth of the measured steps."""
+    with torch.no_grad():
+        with peak_memory(device) as mem:
+            for t in range(context, context + memory_steps):
+                model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        per_token = []
+        for t in range(context + memory_steps, context + memory_steps + timed_steps):
+            synchronize(device)
+            start = time.perf_counter()
+            model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            synchronize(device)
+            per_token.append(time.perf_counter() - start)
+    return {"ms_per_token": 1e3 * statistics.median(per_token[skip:]), "peak_mb": mem["peak_mb"]}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096

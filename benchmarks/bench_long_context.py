@@ -14,7 +14,6 @@ softmax layers' KV cache (1/8 of a dense transformer's).
 """
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RESULTS, fast_cpu_allocator, peak_memory, print_table, save_results, synchronize  # noqa: E402
+from bench_common import RESULTS, decode_steps, fast_cpu_allocator, peak_memory, print_table, save_results, synchronize  # noqa: E402
 
 import tnl_model  # noqa: E402,F401
 from tnl_model import TNLConfig, TNLForCausalLM  # noqa: E402
@@ -45,10 +44,10 @@ def kv_bytes_per_token(config: TNLConfig, dtype_bytes: int) -> int:
     return softmax_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
-def measure(model, context: int, device, decode_steps: int = 24, memory_steps: int = 4) -> dict:
+def measure(model, context: int, device, timed_steps: int = 48, memory_steps: int = 4) -> dict:
     """Prefill time and decode ms/token (timed runs), and their peak memory (separate runs under the
     strict allocator, see bench_common)."""
-    ids = torch.randint(3, model.config.vocab_size, (1, context + memory_steps + decode_steps), device=device)
+    ids = torch.randint(3, model.config.vocab_size, (1, context + memory_steps + timed_steps), device=device)
     with torch.no_grad():
         with peak_memory(device) as prefill_mem:
             model(ids[:, :context], use_cache=True, logits_to_keep=1)
@@ -57,19 +56,10 @@ def measure(model, context: int, device, decode_steps: int = 24, memory_steps: i
         cache = model(ids[:, :context], use_cache=True, logits_to_keep=1).cache
         synchronize(device)
         prefill_s = time.perf_counter() - start
-        with peak_memory(device) as decode_mem:
-            for t in range(context, context + memory_steps):
-                model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        per_token = []
-        for t in range(context + memory_steps, context + memory_steps + decode_steps):
-            synchronize(device)
-            start = time.perf_counter()
-            model(ids[:, t : t + 1], cache=cache, use_cache=True)
-            synchronize(device)
-            per_token.append(time.perf_counter() - start)
+    decode = decode_steps(model, ids, context, cache, device, memory_steps, timed_steps, skip=4)
     return {"context": context, "prefill_s": prefill_s, "prefill_us_per_token": 1e6 * prefill_s / context,
-            "decode_ms_per_token": 1e3 * statistics.median(per_token[4:]), "prefill_peak_mb": prefill_mem["peak_mb"],
-            "decode_peak_mb": decode_mem["peak_mb"]}
+            "decode_ms_per_token": decode["ms_per_token"], "prefill_peak_mb": prefill_mem["peak_mb"],
+            "decode_peak_mb": decode["peak_mb"]}
 
 
 def plot(payload, path):

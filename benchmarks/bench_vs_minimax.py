@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, MiniMaxConfig, MiniMaxForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (RESULTS, fast_cpu_allocator, median_time, peak_memory, print_table, save_results,  # noqa: E402
+from bench_common import (RESULTS, decode_steps, fast_cpu_allocator, median_time, peak_memory, print_table, save_results,  # noqa: E402
                           synchronize)
 
 import tnl_model  # noqa: E402,F401
@@ -70,6 +70,23 @@ def parity(ours, theirs, device) -> float:
     with torch.no_grad():
         a, b = ours(ids, use_cache=False).logits.float(), theirs(ids, use_cache=False).logits.float()
     return float((a - b).norm() / b.norm())
+
+
+def continuation_parity(models, device, prompt_len=256, cont_len=256) -> dict:
+    """Each model's logits for a continuation through its cache vs its own single forward.
+
+    transformers' MiniMax gets this wrong when layer 0 is linear (the softmax layers' mask and
+    positions are built from layer 0's cache, which holds no tokens), so its continuation and
+    decode timings are of a computation that differs from its own forward."""
+    ids = torch.randint(0, 4096, (1, prompt_len + cont_len), device=device)
+    errors = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            full = model(ids, use_cache=False).logits[:, prompt_len:].float()
+            cache = model(ids[:, :prompt_len], use_cache=True).cache
+            continued = model(ids[:, prompt_len:], cache=cache, use_cache=True).logits.float()
+            errors[name] = float((continued - full).norm() / full.norm())
+    return errors
 
 
 def timed(fn, device, repeats, warmup):
@@ -121,7 +138,7 @@ def bench_continuation(models, device, prompt_len, cont_len):
     return result
 
 
-def bench_decode(models, device, contexts, steps=16, memory_steps=4):
+def bench_decode(models, device, contexts, steps=40, memory_steps=4):
     """ms per token after a prompt of each context length (median of ``steps`` timed steps), and the
     memory growth of ``memory_steps`` earlier steps measured separately."""
     rows = []
@@ -131,17 +148,7 @@ def bench_decode(models, device, contexts, steps=16, memory_steps=4):
         for name, model in models.items():
             with torch.no_grad():
                 cache = model(ids[:, :context], use_cache=True, logits_to_keep=1).cache
-                with peak_memory(device) as mem:
-                    for t in range(context, context + memory_steps):
-                        model(ids[:, t : t + 1], cache=cache, use_cache=True)
-                per_token = []
-                for t in range(context + memory_steps, context + memory_steps + steps):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    model(ids[:, t : t + 1], cache=cache, use_cache=True)
-                    synchronize(device)
-                    per_token.append(time.perf_counter() - start)
-            result[name] = {"ms_per_token": 1e3 * statistics.median(per_token[2:]), "peak_mb": mem["peak_mb"]}
+            result[name] = decode_steps(model, ids, context, cache, device, memory_steps, steps, skip=2)
         rows.append(result)
     return rows
 
@@ -283,10 +290,14 @@ def main(argv=None):
     error = parity(ours, theirs, device)
     print(f"logit parity on the same weights: relative error {error:.2e}")
     models = {"ours": ours, "theirs": theirs}
+    continuation_errors = continuation_parity(models, device)
+    print("continuation through the cache vs the same model's single forward, relative error: "
+          + ", ".join(f"{name} {err:.2e}" for name, err in continuation_errors.items()))
 
     payload = {"config": "8 layers (softmax at 7), hidden 512, 8 heads x 64, 8 experts top-2, vocab 4096",
                "device": device, "dtype": args.dtype, "parity_relative_error": error,
-               "cpu_allocator": "timings: retain, memory: strict (tnl_model.cpu_allocator)"}
+               "cpu_allocator": "timings: retain, memory: strict (tnl_model.cpu_allocator)",
+               "continuation_relative_error_vs_own_forward": continuation_errors}
     payload["prefill"] = bench_prefill(models, device, sizes["prefill"])
     payload["continuation"] = bench_continuation(models, device, *sizes["continuation"])
     payload["decode"] = bench_decode(models, device, sizes["decode"])

@@ -66,10 +66,11 @@ def choose_implementation(hidden, gate_up, down, impl: str = "auto") -> str:
     """``"grouped_mm"`` or ``"loop"`` for this call.
 
     On the CPU without autograd the loop is used: PyTorch's CPU grouped_mm runs a matmul for
-    every expert, empty ones included, and its big groups are slower than plain matmuls (2
-    cores, 8 experts top-2, D = I = 512, fp32: 1 token 0.27 vs 0.20 ms, 8K tokens 187 vs 153 ms).
-    With autograd the grouped GEMM wins by far at small and medium sizes (its backward is one
-    op, the loop's is a graph per expert), and on CUDA it also avoids the host sync on counts.
+    every expert, empty ones included, which costs a decode step (2 cores, 8 experts top-2,
+    D = I = 512, fp32, one token: 0.25 vs 0.22 ms per layer); from a few hundred tokens on the
+    two take the same time. With autograd the grouped GEMM wins by far at small and medium
+    sizes (its backward is one op, the loop's a graph per expert), and on CUDA it also avoids
+    the host sync on the counts.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")

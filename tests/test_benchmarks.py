@@ -34,6 +34,7 @@ def test_bench_vs_minimax_quick(tmp_path):
     assert "logit parity on the same weights" in out
     data = _outputs(tmp_path, "bench_vs_minimax_cpu_float32_quick")
     assert data["parity_relative_error"] < 1e-4
+    assert data["continuation_relative_error_vs_own_forward"]["ours"] < 1e-5
 
 
 def test_bench_long_context_small(tmp_path):

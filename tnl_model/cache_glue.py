@@ -6,10 +6,14 @@
 offloading come from transformers. The linear layer's bookkeeping is made for
 conv + recurrent states, so the recurrent-only use here goes through these
 helpers: the fp32 state lives in ``recurrent_states[0]``.
+
+The softmax layers' ``DynamicLayer`` concatenates on every update, copying the whole
+key/value cache once per generated token; :func:`use_growing_kv_layers` swaps in
+:class:`GrowingKeyValueLayer`, which appends into spare capacity instead.
 """
 
 import torch
-from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionCacheLayerMixin
 
 
 def _linear_layer(cache: Cache, layer_idx: int):
@@ -64,3 +68,90 @@ def add_seen_tokens(cache: Cache | None, count: int) -> None:
     """All-linear models have no KV layer to count tokens in; keep the count on the cache object."""
     if cache is not None:
         cache._tnl_seen_tokens = getattr(cache, "_tnl_seen_tokens", 0) + count
+
+
+class GrowingKeyValueLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare capacity instead of concatenating.
+
+    ``keys`` / ``values`` are views ``[:, :, :length]`` of buffers with room for more tokens;
+    when one is full, a buffer ``HEADROOM`` larger is allocated and the cache copied once,
+    so a decode costs amortised O(1) copies per token instead of O(context) (at 1M tokens
+    of context a softmax layer of MiniMax-Text-01 holds 4 GiB of bf16 keys and values).
+    Everything else is ``DynamicLayer``'s: a method that replaces ``keys`` with a new tensor
+    (beam reorder, batch selection, offloading) just makes the next update adopt it into a
+    new buffer, and ``crop`` leaves a shorter view whose tail the next update overwrites.
+    Under autograd it concatenates like ``DynamicLayer`` (in-place writes into a shared
+    buffer would tie every step's graph together).
+    """
+
+    HEADROOM = 1 / 8  # spare capacity allocated on growth, as a fraction of the cached length
+    MIN_HEADROOM = 256  # tokens
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key_buffer = self._value_buffer = None
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer) -> "GrowingKeyValueLayer":
+        """A growing layer holding ``layer``'s state (its keys are adopted at the next update)."""
+        grown = cls()
+        grown.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("_key_buffer", "_value_buffer")})
+        return grown
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._key_buffer = self._value_buffer = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if not (_is_prefix_view(self.keys, self._key_buffer, key_states, length + new)
+                and _is_prefix_view(self.values, self._value_buffer, value_states, length + new)):
+            capacity = length + new + max(self.MIN_HEADROOM, int((length + new) * self.HEADROOM))
+            self._key_buffer = _grown(self.keys, key_states, length, capacity)
+            self._value_buffer = _grown(self.values, value_states, length, capacity)
+        self._key_buffer[:, :, length : length + new].copy_(key_states)
+        self._value_buffer[:, :, length : length + new].copy_(value_states)
+        self.keys = self._key_buffer[:, :, : length + new]
+        self.values = self._value_buffer[:, :, : length + new]
+        return self.keys, self.values
+
+
+def _is_prefix_view(view, buffer, incoming, needed: int) -> bool:
+    """``view`` is ``buffer[:, :, :n]`` and the buffer fits ``incoming`` rows up to ``needed`` tokens."""
+    return (
+        buffer is not None
+        and view.dim() == 4
+        and view.data_ptr() == buffer.data_ptr()
+        and view.stride() == buffer.stride()
+        and view.shape[:2] == buffer.shape[:2] == incoming.shape[:2]
+        and view.shape[-1] == buffer.shape[-1] == incoming.shape[-1]
+        and buffer.dtype == incoming.dtype
+        and buffer.device == incoming.device
+        and needed <= buffer.shape[2]
+    )
+
+
+def _grown(cached: torch.Tensor, incoming: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    batch, heads, _, dim = incoming.shape
+    buffer = incoming.new_empty(batch, heads, capacity, dim)
+    if length:
+        buffer[:, :, :length].copy_(cached)
+    return buffer
+
+
+def use_growing_kv_layers(cache: Cache | None, layer_types: list[str]) -> None:
+    """Swap the plain ``DynamicLayer`` of each softmax layer for a :class:`GrowingKeyValueLayer`.
+
+    Left alone: caches that offload (each layer is moved to the CPU and back every step, so
+    there is nothing to grow in place) and layers of any other class (static, quantized, ...).
+    """
+    if cache is None or getattr(cache, "offloading", False):
+        return
+    for idx, kind in enumerate(layer_types):
+        if kind == "full_attention" and idx < len(cache.layers) and type(cache.layers[idx]) is DynamicLayer:
+            cache.layers[idx] = GrowingKeyValueLayer.adopt(cache.layers[idx])

@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .cache_glue import add_seen_tokens, past_length
+from .cache_glue import add_seen_tokens, past_length, use_growing_kv_layers
 from .configuration_tnl import FULL, LINEAR, TNLConfig
 from .lightning_layer import TNLLightningAttention
 from .load_checks import StrictLoadingMixin
@@ -166,6 +166,7 @@ class TNLModel(TNLPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
+        use_growing_kv_layers(cache, self.config.layer_types)
         if cu_seqlens is not None and (batch != 1 or cache is not None):
             raise ValueError("cu_seqlens (packed documents) needs a batch of 1 and use_cache=False")
         past = past_length(cache, self.config.layer_types)
