@@ -90,16 +90,24 @@ class GrowingKeyValueLayer(DynamicLayer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._key_buffer = self._value_buffer = None
+        self._reserved = 0  # tokens the next buffer should hold at least (see reserve())
+
+    def reserve(self, tokens: int) -> None:
+        """Make the next buffer hold ``tokens`` at least, e.g. a whole prompt that a chunked prefill
+        appends piece by piece: one allocation instead of a growth (and a copy) per chunk."""
+        self._reserved = max(self._reserved, tokens + self.MIN_HEADROOM)
 
     @classmethod
     def adopt(cls, layer: DynamicLayer) -> "GrowingKeyValueLayer":
         """A growing layer holding ``layer``'s state (its keys are adopted at the next update)."""
         grown = cls()
-        grown.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("_key_buffer", "_value_buffer")})
+        grown.__dict__.update({k: v for k, v in layer.__dict__.items()
+                               if k not in ("_key_buffer", "_value_buffer", "_reserved")})
         return grown
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
+        self._reserved = 0
         super().reset()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -112,6 +120,7 @@ class GrowingKeyValueLayer(DynamicLayer):
         if not (_is_prefix_view(self.keys, self._key_buffer, key_states, length + new)
                 and _is_prefix_view(self.values, self._value_buffer, value_states, length + new)):
             capacity = length + new + max(self.MIN_HEADROOM, int((length + new) * self.HEADROOM))
+            capacity = max(capacity, self._reserved)
             self._key_buffer = _grown(self.keys, key_states, length, capacity)
             self._value_buffer = _grown(self.values, value_states, length, capacity)
         self._key_buffer[:, :, length : length + new].copy_(key_states)
@@ -155,3 +164,10 @@ def use_growing_kv_layers(cache: Cache | None, layer_types: list[str]) -> None:
     for idx, kind in enumerate(layer_types):
         if kind == "full_attention" and idx < len(cache.layers) and type(cache.layers[idx]) is DynamicLayer:
             cache.layers[idx] = GrowingKeyValueLayer.adopt(cache.layers[idx])
+
+
+def reserve_kv_capacity(cache: Cache | None, tokens: int) -> None:
+    """Ask every growing key/value layer of ``cache`` to make room for ``tokens`` in one go."""
+    for layer in [] if cache is None else cache.layers:
+        if isinstance(layer, GrowingKeyValueLayer):
+            layer.reserve(tokens)

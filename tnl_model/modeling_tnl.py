@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .cache_glue import add_seen_tokens, past_length, use_growing_kv_layers
+from .cache_glue import add_seen_tokens, past_length, reserve_kv_capacity, use_growing_kv_layers
 from .configuration_tnl import FULL, LINEAR, TNLConfig
 from .lightning_layer import TNLLightningAttention
 from .load_checks import StrictLoadingMixin
@@ -252,6 +252,7 @@ class TNLModel(TNLPreTrainedModel):
             raise ValueError("output_attentions/output_hidden_states are not available with chunked prefill")
         length = tokens.shape[1]
         start_past = past_length(cache, self.config.layer_types)
+        reserve_kv_capacity(cache, start_past + length)  # the softmax caches grow once, not per chunk
         pieces, router_logits = [], []
         is_ids = not tokens.is_floating_point()
         for start in range(0, length, chunk):

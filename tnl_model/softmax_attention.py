@@ -120,13 +120,20 @@ class TNLSoftmaxAttention(nn.Module):
         which sends it to the math kernel: the whole score matrix in memory, growing with the cache.
         Instead the cached prefix is attended without a mask and the new block causally (a square,
         where both alignments agree), each by the tiled CPU flash kernel, which also returns the
-        log-sum-exp of each row; the two partial softmaxes are then merged exactly."""
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        log-sum-exp of each row; the two partial softmaxes are then merged exactly. The cached
+        keys are never repeated for GQA: the query heads sharing a key/value head are stacked as
+        extra query rows of that head instead (only the new block's keys are repeated)."""
+        batch, heads, length, dim = q.shape
+        groups = heads // self.num_kv_heads
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_old, lse_old = flash(q, k[:, :, :past], v[:, :, :past], 0.0, False, scale=self.scaling)
-        out_new, lse_new = flash(q, k[:, :, past:], v[:, :, past:], 0.0, True, scale=self.scaling)
+        grouped_q = q.reshape(batch, self.num_kv_heads, groups * length, dim)
+        out_old, lse_old = flash(grouped_q, k[:, :, :past], v[:, :, :past], 0.0, False, scale=self.scaling)
+        out_old = out_old.reshape(batch, heads, length, dim)
+        lse_old = lse_old.reshape(batch, heads, length)
+        k_new, v_new = k[:, :, past:], v[:, :, past:]
+        if groups > 1:
+            k_new, v_new = k_new.repeat_interleave(groups, dim=1), v_new.repeat_interleave(groups, dim=1)
+        out_new, lse_new = flash(q, k_new, v_new, 0.0, True, scale=self.scaling)
         lse = torch.logaddexp(lse_old, lse_new)
         merged = (out_old.float() * torch.exp(lse_old - lse).unsqueeze(-1)
                   + out_new.float() * torch.exp(lse_new - lse).unsqueeze(-1))

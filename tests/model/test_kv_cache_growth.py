@@ -33,6 +33,13 @@ def test_appends_equal_concatenation_with_few_reallocations():
     assert len(buffers) <= 4, len(buffers)
 
 
+def test_reserve_makes_a_chunked_prefill_allocate_once():
+    grown = GrowingKeyValueLayer()
+    grown.reserve(4096)
+    buffers = {grown.update(k, v)[0].data_ptr() for k, v in chunks(6, [1024] * 4 + [1] * 100)}
+    assert len(buffers) == 1 and grown.get_seq_length() == 4196
+
+
 def test_crop_reorder_select_and_repeat_behave_like_dynamic_layer():
     grown, plain = GrowingKeyValueLayer(), DynamicLayer()
     pieces = iter(chunks(1, [20, 1, 1, 5, 1, 1, 3, 1]))

@@ -20,14 +20,16 @@ def _reference(layer, q, k, v, past):
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("past, length", [(1, 2), (5, 3), (37, 64), (300, 129), (1000, 1)])
-def test_continuation_after_cache_matches_masked_softmax(past, length, dtype):
-    layer = TNLSoftmaxAttention(tiny_config(num_attention_heads=4, num_key_value_heads=2, head_dim=16), 1)
+def test_continuation_after_cache_matches_masked_softmax(past, length, dtype, kv_heads):
+    layer = TNLSoftmaxAttention(tiny_config(num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16), 1)
     generator = torch.Generator().manual_seed(past * 7 + length)
-    q = torch.randn(2, 4, length, 16, generator=generator).to(dtype)
-    k = torch.randn(2, 2, past + length, 16, generator=generator).to(dtype) * 2  # peaked rows
-    v = torch.randn(2, 2, past + length, 16, generator=generator).to(dtype)
+    # q as the layer makes it: a head-major view of a token-major projection
+    q = torch.randn(2, length, 4, 16, generator=generator).to(dtype).transpose(1, 2)
+    k = torch.randn(2, kv_heads, past + length, 16, generator=generator).to(dtype) * 2  # peaked rows
+    v = torch.randn(2, kv_heads, past + length, 16, generator=generator).to(dtype)
     out = layer._after_cache_cpu(q, k, v, past)
     ref = _reference(layer, q, k, v, past)
     error = (out.double() - ref).norm() / ref.norm()
