@@ -75,9 +75,9 @@ def parity(ours, theirs, device) -> float:
 def continuation_parity(models, device, prompt_len=256, cont_len=256) -> dict:
     """Each model's logits for a continuation through its cache vs its own single forward.
 
-    transformers' MiniMax gets this wrong when layer 0 is linear (the softmax layers' mask and
-    positions are built from layer 0's cache, which holds no tokens), so its continuation and
-    decode timings are of a computation that differs from its own forward."""
+    transformers' MiniMax gets this wrong when layer 0 is linear (its softmax layers get no mask,
+    and SDPA's implicit causal mask is aligned to the first cached key), so its continuation
+    timing is of a computation that differs from its own forward."""
     ids = torch.randint(0, 4096, (1, prompt_len + cont_len), device=device)
     errors = {}
     with torch.no_grad():
