@@ -3,7 +3,8 @@
 GPU run (default): bf16, H=32, D=E=128, T in {1K, ..., 32K}, in two sweeps — B=8,
 and B*T fixed at 64K tokens — timing in the same process:
 
-* ``triton``  - our Triton kernels (``tnl_kernels`` backend "triton"),
+* ``triton``  - our Triton kernels (``tnl_kernels`` backend "triton"), fused backward,
+* ``triton_three_runs`` - the same forward, backward as three lightning runs,
 * ``torch``   - our chunked PyTorch path (backend "torch"),
 * ``sdpa``    - causal ``scaled_dot_product_attention`` on the flash backend,
 * ``fla``     - flash-linear-attention's ``chunk_simple_gla(g_gamma=-slopes, scale=1)`` when importable,
@@ -115,6 +116,17 @@ def lightning_call(backend):
     return lambda q, k, v, slopes: lightning_attn(q, k, v, slopes, backend=backend)[0]
 
 
+def triton_three_runs_call(q, k, v, slopes):
+    """The Triton kernels with the older backward (three lightning runs), to compare with the fused one."""
+    from tnl_kernels import triton_backend
+
+    previous, triton_backend.BACKWARD = triton_backend.BACKWARD, "three_runs"  # read when the forward runs
+    try:
+        return lightning_attn(q, k, v, slopes, backend="triton")[0]
+    finally:
+        triton_backend.BACKWARD = previous
+
+
 def sdpa_call(q, k, v, slopes):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -143,6 +155,7 @@ def implementations(device):
     impls = {"torch": lightning_call("torch"), "sdpa": sdpa_call}
     if device == "cuda":
         impls["triton"] = lightning_call("triton")
+        impls["triton_three_runs"] = triton_three_runs_call
         fla = fla_call()
         if fla is not None:
             impls["fla"] = fla

@@ -148,9 +148,22 @@ def test_gradient_from_final_state_only():
     assert actual["dq"].abs().max() == 0  # q never reaches the final state
 
 
+@pytest.mark.parametrize("variant", ["three_runs", "fused"])
+@pytest.mark.parametrize("length, dim_k, dim_v, use_state0", [(65, 48, 32, True), (200, 32, 96, False)])
+def test_both_backward_variants_match_fp64_recurrence(monkeypatch, variant, length, dim_k, dim_v, use_state0):
+    """The fused backward (the default) and the three-runs one it replaces, on the same oracle."""
+    monkeypatch.setattr(triton_backend, "BACKWARD", variant)
+    inputs = make_inputs(2, length, 2, dim_k, dim_v, torch.float32, seed=20 + length)
+    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+    kwargs = dict(scale=0.7, use_state0=use_state0)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["three_runs", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_varlen_matches_per_sequence_runs(dtype):
+def test_varlen_matches_per_sequence_runs(monkeypatch, dtype, variant):
     """Uneven lengths (one empty, one of exactly a chunk, several crossing chunk borders)."""
+    monkeypatch.setattr(triton_backend, "BACKWARD", variant)
     lengths = [7, 64, 0, 130, 1, 65]
     bounds = [0]
     for n in lengths:
