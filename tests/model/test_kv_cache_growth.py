@@ -2,6 +2,8 @@
 behaves exactly like transformers' concatenating DynamicLayer under every cache operation
 generate() uses: appends, crop, beam reorder, batch selection and repetition."""
 
+import copy
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -103,3 +105,16 @@ def test_model_caches_use_growing_layers_and_generate_identically():
             out = model(steps[-1], cache=plain_cache, use_cache=True)
     assert type(plain_cache.layers[1]) is ConcatenatingLayer
     assert torch.equal(grown[:, 33:], torch.cat(steps, dim=1))
+
+
+def test_deepcopied_caches_continue_independently():
+    """transformers' prompt-reuse recipe: deepcopy a prefilled cache, continue each copy differently."""
+    original = GrowingKeyValueLayer()
+    (k, v), (a, b), (c, d) = chunks(7, [9, 1, 1])
+    original.update(k, v)
+    copied = copy.deepcopy(original)
+    assert copied._key_buffer.data_ptr() != original._key_buffer.data_ptr()
+    original.update(a, b)
+    copied.update(c, d)
+    assert torch.equal(original.keys, torch.cat([k, a], dim=2)) and torch.equal(copied.keys, torch.cat([k, c], dim=2))
+    assert torch.equal(original.values, torch.cat([v, b], dim=2)) and torch.equal(copied.values, torch.cat([v, d], dim=2))
