@@ -296,11 +296,16 @@ def run(args):
         "decode": [],
     }
     for sweep, points in sweeps(lengths, shape).items():
-        results["sweeps"][sweep] = [
-            measure_point(name, fn, batch, length, shape["heads"], shape["dim"], dtype, device, timer, bandwidth)
-            for batch, length in points
-            for name, fn in impls.items()
-        ]
+        results["sweeps"][sweep] = []
+        for batch, length in points:
+            for name, fn in impls.items():
+                point = measure_point(name, fn, batch, length, shape["heads"], shape["dim"], dtype, device, timer, bandwidth)
+                results["sweeps"][sweep].append(point)
+                # one line per point as it is measured: a run cut short still leaves its numbers in the log
+                ms = [point[part].get("ms") for part in ("forward", "forward_backward")]
+                print(f"{sweep} {name} B={batch} T={length}: " + ", ".join(
+                    f"{part} {'failed' if t is None else f'{t:.3g} ms'}" for part, t in zip(("fwd", "fwd+bwd"), ms)),
+                    flush=True)
     decode_backend = "torch" if smoke else "triton"
     results["decode"] = [
         measure_decode(length, shape["batch"], shape["heads"], shape["dim"], dtype, device, timer, decode_backend)
