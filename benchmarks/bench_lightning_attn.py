@@ -1,10 +1,13 @@
 """Benchmark of the lightning-attention operator (DESIGN.md section 8).
 
-GPU run (default): bf16, H=32, D=E=128, T in {1K, ..., 32K}, in two sweeps — B=8,
-and B*T fixed at 64K tokens — timing in the same process:
+GPU run (default): bf16, H=32, D=E=128, T in {1K, ..., 32K}, in three sweeps — B=8,
+B*T fixed at 64K tokens, and one sequence (B=1, long-context prefill) — timing in the
+same process:
 
-* ``triton``  - our Triton kernels (``tnl_kernels`` backend "triton"), fused backward,
-* ``triton_three_runs`` - the same forward, backward as three lightning runs,
+* ``triton``  - our Triton kernels (``tnl_kernels`` backend "triton"; the forward strategy
+  chosen per call),
+* ``triton_seq`` / ``triton_split`` - the same with the sequential or the chunk-parallel
+  forward forced (where they cross over is what tunes the automatic choice),
 * ``torch``   - our chunked PyTorch path (backend "torch"),
 * ``sdpa``    - causal ``scaled_dot_product_attention`` on the flash backend,
 * ``fla``     - flash-linear-attention's ``chunk_simple_gla(g_gamma=-slopes, scale=1)`` when importable,
@@ -116,15 +119,18 @@ def lightning_call(backend):
     return lambda q, k, v, slopes: lightning_attn(q, k, v, slopes, backend=backend)[0]
 
 
-def triton_three_runs_call(q, k, v, slopes):
-    """The Triton kernels with the older backward (three lightning runs), to compare with the fused one."""
+def triton_forced_call(strategy):
+    """The Triton kernels with one forward strategy forced ("sequential" or "split")."""
     from tnl_kernels import triton_backend
 
-    previous, triton_backend.BACKWARD = triton_backend.BACKWARD, "three_runs"  # read when the forward runs
-    try:
-        return lightning_attn(q, k, v, slopes, backend="triton")[0]
-    finally:
-        triton_backend.BACKWARD = previous
+    def call(q, k, v, slopes):
+        previous, triton_backend.FORWARD = triton_backend.FORWARD, strategy
+        try:
+            return lightning_attn(q, k, v, slopes, backend="triton")[0]
+        finally:
+            triton_backend.FORWARD = previous
+
+    return call
 
 
 def sdpa_call(q, k, v, slopes):
@@ -155,7 +161,8 @@ def implementations(device):
     impls = {"torch": lightning_call("torch"), "sdpa": sdpa_call}
     if device == "cuda":
         impls["triton"] = lightning_call("triton")
-        impls["triton_three_runs"] = triton_three_runs_call
+        impls["triton_seq"] = triton_forced_call("sequential")
+        impls["triton_split"] = triton_forced_call("split")
         fla = fla_call()
         if fla is not None:
             impls["fla"] = fla
@@ -167,6 +174,13 @@ def implementations(device):
 
 def measure_point(name, fn, batch, length, heads, dim, dtype, device, timer, bandwidth):
     """Forward and forward+backward of one implementation at one shape."""
+    point = _measure_point(name, fn, batch, length, heads, dim, dtype, device, timer, bandwidth)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the inputs died with _measure_point
+    return point
+
+
+def _measure_point(name, fn, batch, length, heads, dim, dtype, device, timer, bandwidth):
     q, k, v, slopes = make_inputs(batch, length, heads, dim, dtype, device, requires_grad=True)
     grad = torch.randn(batch, length, heads, dim, device=device, dtype=dtype)
 
@@ -188,9 +202,6 @@ def measure_point(name, fn, batch, length, heads, dim, dtype, device, timer, ban
         # Backward ~ 3 more lightning runs (ours, fla) or 2.5x the forward (flash attention).
         factor = 3.5 if name == "sdpa" else 4.0
         fwd_bwd.update(tflops=factor * flops / (fwd_bwd["ms"] * 1e-3) / 1e12)
-    del q, k, v, grad
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return {"impl": name, "B": batch, "T": length, "H": heads, "D": dim, "forward": fwd, "forward_backward": fwd_bwd}
 
 
@@ -209,10 +220,11 @@ def measure_decode(length, batch, heads, dim, dtype, device, timer, backend):
 
 
 def sweeps(lengths, shape):
-    """The two sweeps: fixed batch, and fixed token count B*T."""
+    """The three sweeps: fixed batch, fixed token count B*T, and a single sequence."""
     fixed_batch = [(shape["batch"], t) for t in lengths]
     fixed_tokens = [(max(1, shape["tokens"] // t), t) for t in lengths]
-    return {"fixed_batch": fixed_batch, "fixed_tokens": fixed_tokens}
+    one_sequence = [(1, t) for t in lengths]
+    return {"fixed_batch": fixed_batch, "fixed_tokens": fixed_tokens, "one_sequence": one_sequence}
 
 
 # --------------------------------------------------------------------------- output
@@ -224,14 +236,14 @@ def fmt(value, pattern):
 
 def print_table(results):
     print(f"copy bandwidth: {results['copy_bandwidth_gbs']:.1f} GB/s on {results['device']}")
-    header = f"{'sweep':13} {'impl':7} {'B':>4} {'T':>6} {'fwd ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'roof':>6} {'fwd+bwd ms':>11}"
+    header = f"{'sweep':13} {'impl':12} {'B':>4} {'T':>6} {'fwd ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'roof':>6} {'fwd+bwd ms':>11}"
     print(header)
     print("-" * len(header))
     for sweep, rows in results["sweeps"].items():
         for row in rows:
             f, fb = row["forward"], row["forward_backward"]
             print(
-                f"{sweep:13} {row['impl']:7} {row['B']:>4} {row['T']:>6} {fmt(f['ms'], '{:9.3f}'):>9} "
+                f"{sweep:13} {row['impl']:12} {row['B']:>4} {row['T']:>6} {fmt(f['ms'], '{:9.3f}'):>9} "
                 f"{fmt(f.get('tflops'), '{:8.2f}'):>8} {fmt(f.get('gbs'), '{:8.1f}'):>8} "
                 f"{fmt(f.get('roofline_fraction'), '{:6.1%}'):>6} {fmt(fb['ms'], '{:11.3f}'):>11}"
                 + (f"  ({f['error']})" if f.get("error") else "")

@@ -1,38 +1,46 @@
 """Triton backend of lightning attention (DESIGN.md sections 3.1 and 4).
 
-The chunked algorithm, split into three launches so every expensive step runs
-in parallel over chunks (block length ``C``, 0-based position ``i`` inside a
-chunk, real chunk length ``c``):
+Chunked algorithm (block length ``C``, 0-based position ``i`` inside a chunk, real
+chunk length ``c``, state ``S`` entering the chunk):
 
-1. ``_chunk_kv_kernel``     - per chunk, in parallel: ``KV_b = (K * lambda^{c-1-j})^T V``.
-2. ``_state_scan_kernel``   - per sequence, a cheap walk over the chunks' ``[D, E]``
-   summaries: ``S_before[b] = S``, ``S = lambda^c S + KV_b`` (fp32 throughout). It
-   overwrites the summaries with the incoming states and writes the final state.
-3. ``_chunk_output_kernel`` - per chunk, in parallel:
-   ``O = scale * (((Q K^T) * M) V + (Q * lambda^{i+1}) S_before)``, with
-   ``QK^T`` formed once per chunk and reused for every value tile.
+    O = scale * (((Q K^T) * M) V + (Q * lambda^{i+1}) S)        M_ij = lambda^{i-j}, i >= j
+    S <- lambda^c S + (K * lambda^{c-1-j})^T V
 
-Every decay factor is block-local and <= 1, and the causal mask is applied with
-``where`` before ``exp``. Sequences (batch rows or ``cu_seqlens`` pieces) are
-described by a flat token axis plus per-chunk metadata, so varlen costs nothing
-extra. A ``REVERSE`` switch runs the same kernels backwards in time (sequence
-position ``p`` reads token ``end - 1 - p``), which the backward needs.
+Two forward strategies, chosen per call by ``_forward_strategy``:
 
-The backward (``BACKWARD = "fused"``) recomputes the forward states, scans the
-gradient states backwards (``R`` entering each chunk from its end: the summaries
-``sum_i lambda^{i+1} q_i^T dO_i`` from ``d final_state``), then ``_chunk_grad_kernel``
-forms each chunk's two score tiles once and derives dq, dk and dv from them and the
-two states, as the CPU path (``kernels/chunked.py::chunked_backward``) does. The
-alternative (``"three_runs"``) reuses the forward, because the gradients of this
-recurrence are themselves lightning attentions: ``dq = scale * L(do, v, k; S0^T)``,
-and ``dk``, ``dv`` are reverse-time runs whose ``lambda^{T-1-j}`` terms from
-``d final_state`` are added inside the output kernel (``bonus`` state). Either way
-each gradient is summed in fp32 and rounded exactly once when stored.
+* ``sequential`` - ``_sequential_forward_kernel``: one program per (sequence, head, value
+  tile) walks the sequence's chunks in order with its ``[D, BLOCK_E]`` state in fp32
+  registers, writing each chunk's output as it goes. It reads q, k, v once and writes o
+  once: the memory traffic of the bandwidth roofline. It needs enough (sequence, head)
+  pairs to fill the GPU and a head dim that fits one tile (D <= 128).
+* ``split`` - parallel over chunks: ``_state_pass_kernel`` walks each sequence once to
+  store the state entering every chunk, then ``_chunk_output_kernel`` computes every
+  chunk independently. More traffic (each chunk's ``[D, E]`` state is written and read
+  back), but every chunk of a long sequence runs at once: the choice for few sequences
+  (long-context prefill) and for head dims above 128.
+
+The backward recomputes the states entering every chunk (a state pass), scans the
+gradient states backwards from d(final state) (the same pass run from the last chunk,
+with summaries ``sum_i lambda^{i+1} q_i^T dO_i``; what it carries out of the first chunk
+is d(initial state)), then ``_chunk_grad_kernel`` forms each chunk's two score tiles once
+and derives dq, dk and dv from them and the two states, as the CPU path
+(``kernels/chunked.py::chunked_backward``) does. Every gradient is summed in fp32 and
+rounded once when stored.
+
+Stored per-chunk states are consumed only by tensor-core dots, which take them in the
+input dtype; the passes therefore store them in that dtype (the same rounding the
+consumer would apply to an fp32 copy, so the results are identical) while the running
+sums stay fp32 in registers from the first chunk to the last. This halves their traffic
+for bf16/fp16. Every decay factor is block-local and <= 1, and the causal mask is applied
+with ``where`` before ``exp``. Sequences (batch rows or ``cu_seqlens`` pieces) live on a
+flat token axis, so varlen costs nothing extra.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with fixed launch
 configurations (no autotuning).
 """
 
+import dataclasses
+import functools
 import os
 
 import torch
@@ -42,14 +50,14 @@ import triton.language as tl
 # Tokens per chunk. 64 keeps the [C, C] score tile and the [C, 64] operand tiles in
 # registers for every head dim (the head dims are walked in tiles of at most 64).
 CHUNK_SIZE = 64
-# Widest tile along a head dim; larger head dims are walked in several tiles.
+# Widest tile along a head dim in the chunk-parallel kernels; larger head dims are walked in tiles.
 MAX_HEAD_TILE = 64
+# The sequential forward holds whole [C, D] query/key tiles and a [D, BLOCK_E] state.
+MAX_SEQUENTIAL_HEAD_DIM = 128
 
-# "fused": one kernel computes dq, dk, dv per chunk from the forward and gradient states (five
-# launches in all); "three_runs": dq, dk, dv as three more lightning runs (nine launches). Read
-# when the forward runs. Both are tested; keep the faster once measured on a GPU
-# (benchmarks/bench_lightning_attn.py times both).
-BACKWARD = "fused"
+# "auto" (``_forward_strategy`` decides), "sequential" or "split": the tests and the
+# benchmark force each one.
+FORWARD = "auto"
 
 # Test hook: when True, every output buffer starts as NaN so that an element a
 # kernel forgets to write fails the comparison instead of passing by luck.
@@ -65,18 +73,33 @@ def _head_tile(dim: int) -> int:
     return max(16, min(MAX_HEAD_TILE, triton.next_power_of_2(dim)))
 
 
-def _grad_tile(dim: int) -> int:
-    """Tile width along a head dim for the fused gradient kernel: at most 32. Compiled offline for
-    sm_90 with 8 warps, 64-wide tiles spilled 350-600 bytes per thread at D = 64..256 (it holds
-    more operand tiles than the forward); 32-wide tiles spill nothing."""
+def _narrow_tile(dim: int) -> int:
+    """Tile width along a head dim for the state pass and the gradient kernel: at most 32.
+    Compiled offline for sm_90 with 8 warps, 64-wide tiles spilled 350-600 bytes per thread in the
+    gradient kernel at D = 64..256; the state pass at 64x64 needed 214-222 registers (one block per
+    multiprocessor) against ~110 at 32x32, which also gives four times the programs."""
     return max(16, min(32, triton.next_power_of_2(dim)))
+
+
+def _sequential_config(dim_k: int, dim_v: int) -> tuple[int, int, int]:
+    """(chunk length, BLOCK_D, BLOCK_E) of the sequential forward: all of D in one tile.
+
+    Chosen so that nothing spills when compiled for sm_90 with 8 warps (``scripts/kernel_resources.py``):
+    D <= 64 takes 64-token chunks and 32-wide value tiles (184 registers); D = 128 takes 32-token
+    chunks and 64-wide value tiles (246 registers; 64-token chunks spilled at every value tile
+    width from 16 up). Shorter chunks cost no extra FLOPs at D = 128: per token, the intra-chunk
+    part (~C D) shrinks while the state part (~D E) stays."""
+    block_d = max(16, triton.next_power_of_2(dim_k))
+    if block_d <= 64:
+        return 64, block_d, _narrow_tile(dim_v)
+    return 32, block_d, _head_tile(dim_v)
 
 
 def _launch_options(num_warps: int = 4) -> dict:
     """Fixed launch configuration (never autotuned; the interpreter takes none).
 
-    The output kernel asks for 8 warps: compiled offline for sm_90 with 4 warps it
-    spilled ~0.6-1 KB of registers per thread at D=E=128, with 8 almost nothing.
+    The chunk and state kernels ask for 8 warps: compiled offline for sm_90 with 4 warps the
+    output kernel spilled ~0.6-1 KB of registers per thread at D=E=128, with 8 nothing.
     """
     return {} if _interpreting() else {"num_warps": num_warps, "num_stages": 2}
 
@@ -97,80 +120,40 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 
 
 @triton.jit
-def _chunk_tokens(bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_tokens(bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C: tl.constexpr):
     """Where a chunk's rows live on the flat token axis.
 
     Returns the token of row 0 (int64 scalar), each row's token offset from it (int32,
     0 for rows past the chunk end so masked lanes still point inside the chunk), the
-    row mask, the chunk length, the rows' positions inside their sequence, and the
-    sequence index. A scalar 64-bit base plus small 32-bit offsets keeps the pointer
-    tensors cheap in registers.
+    row mask and the chunk length. A scalar 64-bit base plus small 32-bit offsets keeps
+    the pointer tensors cheap in registers.
     """
     seq = tl.load(chunk_seq + chunk).to(tl.int64)
     lstart = tl.load(chunk_lstart + chunk)
     length = tl.load(chunk_len + chunk)
     rows = tl.arange(0, C)
     valid = rows < length
-    position = lstart + rows  # position inside the sequence, in processing order
-    if REVERSE:
-        first_token = tl.load(bounds + seq + 1).to(tl.int64) - 1 - lstart
-        row_offsets = tl.where(valid, -rows, 0)
-    else:
-        first_token = tl.load(bounds + seq).to(tl.int64) + lstart
-        row_offsets = tl.where(valid, rows, 0)
-    return first_token, row_offsets, valid, length, position, seq
+    first_token = tl.load(bounds + seq).to(tl.int64) + lstart
+    return first_token, tl.where(valid, rows, 0), valid, length
 
 
 @triton.jit
-def _chunk_kv_kernel(
-    k, v, kv, slopes, bounds, chunk_seq, chunk_lstart, chunk_len,
+def _state_pass_kernel(
+    k, v, states, initial, final, slopes, bounds, chunk_offsets,
     stride_k_tok, stride_v_tok, H, scale,
     D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    REVERSE: tl.constexpr, DECAY_FROM_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, BACKWARDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """KV_b[d, e] = scale * sum_j w_j k_j[d] v_j[e] for one chunk, head and [BLOCK_D, BLOCK_E] tile,
-    with w_j = lambda^{c-1-j} (decay to the chunk's end: the forward's state summary) or, with
-    DECAY_FROM_START, w_j = lambda^{j+1} (the backward's summary sum_i lambda^{i+1} q_i^T dO_i)."""
-    chunk = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    tile = tl.program_id(2)
-    n_e_tiles = tl.cdiv(E, BLOCK_E)
-    d_cols = (tile // n_e_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-    e_cols = (tile % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
-    first_token, row_offsets, valid, length, _, _ = _chunk_tokens(bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C, REVERSE)
-    rate = tl.load(slopes + head)
-    rows = tl.arange(0, C)
-    # lambda^{c-1-j} (or lambda^{j+1}); rows past the chunk end are masked before exp.
-    if DECAY_FROM_START:
-        steps = rows + 1
-    else:
-        steps = length - 1 - rows
-    key_decay = tl.exp(tl.where(valid, -rate * steps.to(tl.float32), float("-inf")))
-    k_tile = tl.load(
-        k + first_token * stride_k_tok + row_offsets[:, None] * stride_k_tok + head * D + d_cols[None, :],
-        mask=valid[:, None] & (d_cols[None, :] < D), other=0.0,
-    )
-    v_tile = tl.load(
-        v + first_token * stride_v_tok + row_offsets[:, None] * stride_v_tok + head * E + e_cols[None, :],
-        mask=valid[:, None] & (e_cols[None, :] < E), other=0.0,
-    )
-    k_decayed = (k_tile.to(tl.float32) * key_decay[:, None]).to(v_tile.dtype)
-    summary = tl.dot(tl.trans(k_decayed), v_tile, input_precision=DOT_PRECISION) * scale
-    out = kv + (chunk * H + head) * (D * E) + d_cols[:, None] * E + e_cols[None, :]
-    tl.store(out, summary, mask=(d_cols[:, None] < D) & (e_cols[None, :] < E))
+    """Walk one sequence's chunks for one head and [BLOCK_D, BLOCK_E] state tile, storing the state
+    as it enters each chunk (in ``states``' dtype) and the state after the last one (fp32).
 
+    Forward: from the first chunk, S <- lambda^c S + scale * (K * lambda^{c-1-j})^T V.
+    BACKWARDS (the gradient state R, with k = q and v = dO): from the last chunk, each slot gets
+    the gradient reaching its chunk's end, R <- lambda^c R + scale * (Q * lambda^{i+1})^T dO, and
+    ``final`` receives d(initial state).
 
-@triton.jit
-def _state_scan_kernel(
-    kv, initial, final, slopes, chunk_offsets, chunk_len, H,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_INITIAL: tl.constexpr,
-    BACKWARDS: tl.constexpr,
-):
-    """Walk one sequence's chunks in order: replace each summary KV_b by the state entering
-    chunk b, and write the state after the last chunk. fp32 throughout.
-
-    BACKWARDS walks from the last chunk to the first (the backward's gradient state R: each
-    slot receives the gradient reaching the end of its chunk, ``final`` gets d(initial state))."""
+    Tiles are addressed as a scalar 64-bit base per chunk plus int32 offsets: [C, BLOCK] pointer
+    tensors would stay live across the loop at twice the registers."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     tile = tl.program_id(2)
@@ -180,48 +163,114 @@ def _state_scan_kernel(
     in_tile = (d_cols[:, None] < D) & (e_cols[None, :] < E)
     tile_offsets = d_cols[:, None] * E + e_cols[None, :]
     rate = tl.load(slopes + head)
-    state_offset = (seq * H + head) * (D * E)
+    state_block = (seq * H + head) * (D * E)
     if HAS_INITIAL:
-        state = tl.load(initial + state_offset + tile_offsets, mask=in_tile, other=0.0)
+        state = tl.load(initial + state_block + tile_offsets, mask=in_tile, other=0.0)
     else:
         state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
-    first = tl.load(chunk_offsets + seq)
-    last = tl.load(chunk_offsets + seq + 1)
-    # Step a 64-bit pointer instead of multiplying the loop index (no casts on loop indices).
-    if BACKWARDS:
-        ptr = kv + ((last - 1).to(tl.int64) * H + head) * (D * E) + tile_offsets
-        step = -H * D * E
-    else:
-        ptr = kv + (first.to(tl.int64) * H + head) * (D * E) + tile_offsets
-        step = H * D * E
-    for chunk in range(first, last):
+    seq_start = tl.load(bounds + seq).to(tl.int64)
+    seq_len = tl.load(bounds + seq + 1) - tl.load(bounds + seq)
+    first_chunk = tl.load(chunk_offsets + seq).to(tl.int64)
+    n_chunks = tl.cdiv(seq_len, C)
+    rows = tl.arange(0, C)
+    k_offsets = rows[:, None] * stride_k_tok + d_cols[None, :]
+    v_offsets = rows[:, None] * stride_v_tok + e_cols[None, :]
+    for n in range(n_chunks):
         if BACKWARDS:
-            length = tl.load(chunk_len + (first + last - 1 - chunk))
+            index = n_chunks - 1 - n
         else:
-            length = tl.load(chunk_len + chunk)
-        summary = tl.load(ptr, mask=in_tile, other=0.0)
-        tl.store(ptr, state, mask=in_tile)
-        state = tl.exp(-rate * length.to(tl.float32)) * state + summary
-        ptr += step
-    tl.store(final + state_offset + tile_offsets, state, mask=in_tile)
+            index = n
+        slot = states + ((first_chunk + index) * H + head) * (D * E)
+        tl.store(slot + tile_offsets, state.to(states.dtype.element_ty), mask=in_tile)
+        length = tl.minimum(seq_len - index * C, C)
+        valid = rows < length
+        # lambda^{c-1-j} (to the chunk's end) or lambda^{i+1} (from its start); masked before exp.
+        if BACKWARDS:
+            steps = rows + 1
+        else:
+            steps = length - 1 - rows
+        weight = tl.exp(tl.where(valid, -rate * steps.to(tl.float32), float("-inf")))
+        token = seq_start + index * C
+        k_tile = tl.load(k + (token * stride_k_tok + head * D) + k_offsets,
+                         mask=valid[:, None] & (d_cols[None, :] < D), other=0.0)
+        v_tile = tl.load(v + (token * stride_v_tok + head * E) + v_offsets,
+                         mask=valid[:, None] & (e_cols[None, :] < E), other=0.0)
+        k_weighted = (k_tile.to(tl.float32) * weight[:, None]).to(v_tile.dtype)
+        summary = tl.dot(tl.trans(k_weighted), v_tile, input_precision=DOT_PRECISION)
+        state = tl.exp(-rate * length.to(tl.float32)) * state + summary * scale
+    tl.store(final + state_block + tile_offsets, state, mask=in_tile)
+
+
+@triton.jit
+def _sequential_forward_kernel(
+    q, k, v, o, initial, final, slopes, bounds,
+    scale, stride_qk_tok, stride_vo_tok, H,
+    D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One sequence, head and value tile, chunk after chunk: the output of each chunk from its
+    scores and the fp32 state carried in registers, then the state update. q, k, v are read once
+    and o written once (value tiles of the same head re-read q and k, mostly from L2). Addressing
+    as in ``_state_pass_kernel``; v and o share one token stride."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d_cols = tl.arange(0, BLOCK_D)
+    e_cols = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    in_tile = (d_cols[:, None] < D) & (e_cols[None, :] < E)
+    state_offsets = (seq * H + head) * (D * E) + d_cols[:, None] * E + e_cols[None, :]
+    if HAS_INITIAL:
+        state = tl.load(initial + state_offsets, mask=in_tile, other=0.0)
+    else:
+        state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    rate = tl.load(slopes + head)
+    seq_start = tl.load(bounds + seq).to(tl.int64)
+    seq_len = tl.load(bounds + seq + 1) - tl.load(bounds + seq)
+    rows = tl.arange(0, C)
+    qk_offsets = rows[:, None] * stride_qk_tok + d_cols[None, :]
+    vo_offsets = rows[:, None] * stride_vo_tok + e_cols[None, :]
+    for start in range(0, seq_len, C):
+        length = tl.minimum(seq_len - start, C)
+        valid = rows < length
+        qk_base = (seq_start + start) * stride_qk_tok + head * D
+        vo_base = (seq_start + start) * stride_vo_tok + head * E
+        qk_mask = valid[:, None] & (d_cols[None, :] < D)
+        vo_mask = valid[:, None] & (e_cols[None, :] < E)
+        q_tile = tl.load(q + qk_base + qk_offsets, mask=qk_mask, other=0.0)
+        k_tile = tl.load(k + qk_base + qk_offsets, mask=qk_mask, other=0.0)
+        v_tile = tl.load(v + vo_base + vo_offsets, mask=vo_mask, other=0.0)
+        scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        # M_ij = lambda^{i-j} for i >= j: mask with `where` before `exp`.
+        distance = (rows[:, None] - rows[None, :]).to(tl.float32)
+        scores *= tl.exp(tl.where(distance >= 0, -rate * distance, float("-inf")))
+        acc = tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+        # The decays scale rows of the [C, BLOCK_E] products, never the wide [C, D] q and k tiles
+        # (an fp32 copy of those would not fit in registers next to the state):
+        # (Q * lambda^{i+1}) S = lambda^{i+1} * (Q S), and (K * w)^T V = K^T (V * w).
+        query_decay = tl.exp(-rate * (rows + 1).to(tl.float32))  # lambda^{i+1}: the state is one step older
+        acc += tl.dot(q_tile, state.to(v_tile.dtype), input_precision=DOT_PRECISION) * query_decay[:, None]
+        tl.store(o + vo_base + vo_offsets, (acc * scale).to(o.dtype.element_ty), mask=vo_mask)
+        key_decay = tl.exp(tl.where(valid, -rate * (length - 1 - rows).to(tl.float32), float("-inf")))
+        v_decayed = (v_tile.to(tl.float32) * key_decay[:, None]).to(v_tile.dtype)
+        state = tl.exp(-rate * length.to(tl.float32)) * state + tl.dot(
+            tl.trans(k_tile), v_decayed, input_precision=DOT_PRECISION
+        )
+    tl.store(final + state_offsets, state, mask=in_tile)
 
 
 @triton.jit
 def _chunk_output_kernel(
-    q, k, v, o, states, bonus, slopes, bounds, chunk_seq, chunk_lstart, chunk_len,
+    q, k, v, o, states, slopes, bounds, chunk_seq, chunk_lstart, chunk_len,
     scale, stride_q_tok, stride_v_tok, stride_o_tok, H,
     D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_BONUS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One chunk and head: O = scale * (((Q K^T) * M) V + (Q * lambda^{i+1}) S_before) [+ (Q * lambda^p) B].
+    """One chunk and head: O = scale * (((Q K^T) * M) V + (Q * lambda^{i+1}) S_before).
 
     Q K^T is formed once (walking D in tiles) and reused for every value tile.
     """
     chunk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    first_token, row_offsets, valid, length, position, seq = _chunk_tokens(
-        bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C, REVERSE
-    )
+    first_token, row_offsets, valid, _ = _chunk_tokens(bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C)
     q_rows = q + first_token * stride_q_tok + head * D + row_offsets[:, None] * stride_q_tok
     k_rows = k + first_token * stride_q_tok + head * D + row_offsets[:, None] * stride_q_tok
     v_rows = v + first_token * stride_v_tok + head * E + row_offsets[:, None] * stride_v_tok
@@ -240,8 +289,6 @@ def _chunk_output_kernel(
     # M_ij = lambda^{i-j} for i >= j: mask with `where` before `exp` (no exp of a positive number).
     scores *= tl.exp(tl.where(distance >= 0, -rate * distance, float("-inf")))
     query_decay = tl.exp(-rate * (rows + 1).to(tl.float32))  # lambda^{i+1}: the state is one step older
-    if HAS_BONUS:
-        bonus_decay = tl.exp(-rate * position.to(tl.float32))  # lambda^p, p = position in the sequence
 
     for e_start in range(0, E, BLOCK_E):
         e_cols = e_start + tl.arange(0, BLOCK_E)
@@ -249,8 +296,6 @@ def _chunk_output_kernel(
             v_rows + e_cols[None, :], mask=valid[:, None] & (e_cols[None, :] < E), other=0.0
         )
         acc = tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
-        if HAS_BONUS:
-            extra = tl.zeros([C, BLOCK_E], dtype=tl.float32)
         for d_start in range(0, D, BLOCK_D):
             d_cols = d_start + tl.arange(0, BLOCK_D)
             q_tile = tl.load(
@@ -262,19 +307,9 @@ def _chunk_output_kernel(
             acc += tl.dot(
                 (q_tile * query_decay[:, None]).to(v_tile.dtype), state.to(v_tile.dtype), input_precision=DOT_PRECISION
             )
-            if HAS_BONUS:
-                extra_state = tl.load(bonus + (seq * H + head) * (D * E) + state_offsets, mask=state_mask, other=0.0)
-                extra += tl.dot(
-                    (q_tile * bonus_decay[:, None]).to(v_tile.dtype),
-                    extra_state.to(v_tile.dtype),
-                    input_precision=DOT_PRECISION,
-                )
-        acc = acc * scale
-        if HAS_BONUS:
-            acc += extra  # the d(final_state) term is not scaled
         tl.store(
             o_rows + e_cols[None, :],
-            acc.to(o.dtype.element_ty),
+            (acc * scale).to(o.dtype.element_ty),
             mask=valid[:, None] & (e_cols[None, :] < E),
         )
 
@@ -297,9 +332,7 @@ def _chunk_grad_kernel(
     live at a time (P for dv first, then A for dq and dk) to keep registers for the operands."""
     chunk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    first_token, row_offsets, valid, length, _, _ = _chunk_tokens(
-        bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C, False
-    )
+    first_token, row_offsets, valid, length = _chunk_tokens(bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C)
     qk_rows = first_token * stride_q_tok + head * D + row_offsets[:, None] * stride_q_tok
     ve_rows = first_token * stride_v_tok + head * E + row_offsets[:, None] * stride_v_tok
     state_base = (chunk * H + head) * (D * E)
@@ -402,139 +435,183 @@ def _decode_kernel(
 # --------------------------------------------------------------------------- chunk layout
 
 
+@dataclasses.dataclass
+class ChunkTables:
+    """Where every chunk is: ``chunk_offsets`` [N+1] (each sequence's chunks) and, per chunk, ``seq``
+    (its sequence), ``lstart`` (first position inside the sequence), ``length`` (real length)."""
+
+    n_chunks: int
+    chunk_offsets: torch.Tensor
+    seq: torch.Tensor
+    lstart: torch.Tensor
+    length: torch.Tensor
+
+
 class ChunkLayout:
     """Sequences on a flat token axis and the chunks they are cut into.
 
-    ``bounds`` [N+1]: token offsets of the sequences (batch rows, or ``cu_seqlens``).
-    Per chunk: ``seq`` (its sequence), ``lstart`` (first position inside the sequence),
-    ``length`` (real length, <= chunk). ``chunk_offsets`` [N+1]: each sequence's chunks.
+    ``bounds`` [N+1]: token offsets of the sequences (batch rows, or ``cu_seqlens``), all the
+    sequential forward needs. ``tables`` (``ChunkTables``) is built on first use, by the state
+    passes and the chunk-parallel kernels (for varlen it costs a host sync).
     """
 
     def __init__(self, batch: int, length: int, cu_seqlens, chunk: int, device):
-        self.chunk = chunk
+        self.chunk, self._device = chunk, device
+        self._row_length = None if cu_seqlens is not None else length
         if cu_seqlens is None:
-            # Fixed-length rows: everything is known on the host (no device sync).
             self.n_seqs = batch
-            per_seq = triton.cdiv(length, chunk)
-            self.n_chunks = batch * per_seq
             self.bounds = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * length
-            chunk_ids = torch.arange(self.n_chunks, device=device, dtype=torch.int32)
-            self.seq = chunk_ids // max(per_seq, 1)
-            self.lstart = (chunk_ids % max(per_seq, 1)) * chunk
-            self.length = torch.clamp(length - self.lstart, max=chunk)
-            self.chunk_offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * per_seq
-            self.seq_lengths = torch.full((batch,), length, device=device, dtype=torch.int32)
-            return
-        bounds = cu_seqlens.to(device=device, dtype=torch.int32)
-        seq_lengths = bounds[1:] - bounds[:-1]
+        else:
+            self.n_seqs = cu_seqlens.numel() - 1
+            self.bounds = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+
+    @functools.cached_property
+    def tables(self) -> "ChunkTables":
+        return self._chunk_tables()
+
+    def _chunk_tables(self) -> "ChunkTables":
+        chunk, device = self.chunk, self._device
+        if self._row_length is not None:
+            # Fixed-length rows: everything is known on the host (no device sync).
+            per_seq = triton.cdiv(self._row_length, chunk)
+            n_chunks = self.n_seqs * per_seq
+            chunk_ids = torch.arange(n_chunks, device=device, dtype=torch.int32)
+            lstart = (chunk_ids % max(per_seq, 1)) * chunk
+            return ChunkTables(
+                n_chunks=n_chunks,
+                chunk_offsets=torch.arange(0, self.n_seqs + 1, device=device, dtype=torch.int32) * per_seq,
+                seq=chunk_ids // max(per_seq, 1),
+                lstart=lstart,
+                length=torch.clamp(self._row_length - lstart, max=chunk),
+            )
+        seq_lengths = self.bounds[1:] - self.bounds[:-1]
         per_seq = (seq_lengths + chunk - 1) // chunk
-        chunk_offsets = torch.zeros(seq_lengths.numel() + 1, device=device, dtype=torch.int32)
+        chunk_offsets = torch.zeros(self.n_seqs + 1, device=device, dtype=torch.int32)
         chunk_offsets[1:] = torch.cumsum(per_seq, 0)
-        self.n_seqs = seq_lengths.numel()
-        self.n_chunks = int(chunk_offsets[-1])  # one host sync: the grid size depends on it
-        seq = torch.repeat_interleave(torch.arange(self.n_seqs, device=device), per_seq.long(), output_size=self.n_chunks)
-        index_in_seq = torch.arange(self.n_chunks, device=device) - chunk_offsets[seq].long()
-        self.bounds = bounds.contiguous()
-        self.seq = seq.to(torch.int32)
-        self.lstart = (index_in_seq * chunk).to(torch.int32)
-        self.length = torch.clamp(seq_lengths[seq].long() - index_in_seq * chunk, max=chunk).to(torch.int32)
-        self.chunk_offsets = chunk_offsets
-        self.seq_lengths = seq_lengths
+        n_chunks = int(chunk_offsets[-1])  # one host sync: the grid size depends on it
+        seq = torch.repeat_interleave(torch.arange(self.n_seqs, device=device), per_seq.long(), output_size=n_chunks)
+        index_in_seq = torch.arange(n_chunks, device=device) - chunk_offsets[seq].long()
+        return ChunkTables(
+            n_chunks=n_chunks,
+            chunk_offsets=chunk_offsets,
+            seq=seq.to(torch.int32),
+            lstart=(index_in_seq * chunk).to(torch.int32),
+            length=torch.clamp(seq_lengths[seq].long() - index_in_seq * chunk, max=chunk).to(torch.int32),
+        )
 
 
 # --------------------------------------------------------------------------- launch helpers
 
 
-def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, reverse=False, decay_from_start=False,
-                  scale=1.0, backwards=False):
-    """Per-chunk fp32 states ``[n_chunks, H, D, E]`` and the state after each sequence ``[N, H, D, E]``.
+def _stored_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-chunk states are stored in the dtype their consuming dots take (see the module docstring)."""
+    return torch.float32 if dtype == torch.float32 else dtype
 
-    Forward (default): each slot holds the state entering its chunk, from the summaries
-    ``sum_j lambda^{c-1-j} k_j^T v_j`` scanned in time order from ``initial_state``. For the
-    fused backward (``decay_from_start``, ``backwards``, k = q, v = dO): each slot holds the
-    gradient reaching its chunk's end, scanned from ``initial_state`` = d(final state), and
-    the returned "final" is d(initial state).
+
+def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, backwards=False, scale=1.0):
+    """The state entering every chunk ``[n_chunks, H, D, E]`` (input dtype) and the fp32 state after
+    each sequence ``[N, H, D, E]``, from ``initial_state``.
+
+    With ``backwards`` (k = q, v = dO, initial_state = d(final state)): each slot holds the gradient
+    reaching its chunk's end, and the returned "final" is d(initial state).
     """
     heads, dim_k, dim_v = k.shape[2], k.shape[3], v.shape[3]
-    block_d, block_e = _head_tile(dim_k), _head_tile(dim_v)
+    block_d, block_e = _narrow_tile(dim_k), _narrow_tile(dim_v)
     n_tiles = triton.cdiv(dim_k, block_d) * triton.cdiv(dim_v, block_e)
     final = _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, k.device)
-    # Chunk summaries, overwritten in place by the scan with each chunk's state.
-    states = _new_output((layout.n_chunks, heads, dim_k, dim_v), torch.float32, k.device)
-    if layout.n_chunks == 0:  # every sequence is empty: the state passes through unchanged
-        final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
-        return states, final
-    _chunk_kv_kernel[(layout.n_chunks, heads, n_tiles)](
-        k, v, states, slopes, layout.bounds, layout.seq, layout.lstart, layout.length, k.stride(1), v.stride(1),
-        heads, float(scale), D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=block_d, BLOCK_E=block_e,
-        REVERSE=reverse, DECAY_FROM_START=decay_from_start, DOT_PRECISION=_dot_precision(k.dtype), **_launch_options(),
-    )
-    _state_scan_kernel[(layout.n_seqs, heads, n_tiles)](
-        states, initial_state if initial_state is not None else final, final, slopes,
-        layout.chunk_offsets, layout.length, heads,
-        D=dim_k, E=dim_v, BLOCK_D=block_d, BLOCK_E=block_e, HAS_INITIAL=initial_state is not None,
-        BACKWARDS=backwards, **_launch_options(),
+    states = _new_output((layout.tables.n_chunks, heads, dim_k, dim_v), _stored_state_dtype(k.dtype), k.device)
+    _state_pass_kernel[(layout.n_seqs, heads, n_tiles)](
+        k, v, states, initial_state if initial_state is not None else final, final, slopes,
+        layout.bounds, layout.tables.chunk_offsets, k.stride(1), v.stride(1), heads, float(scale),
+        D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=block_d, BLOCK_E=block_e,
+        HAS_INITIAL=initial_state is not None, BACKWARDS=backwards, DOT_PRECISION=_dot_precision(k.dtype),
+        **_launch_options(num_warps=8),
     )
     return states, final
 
 
-def _lightning_run(q, k, v, slopes, scale, initial_state, layout: ChunkLayout, *, reverse=False, bonus=None, out_dtype):
-    """One chunked lightning attention over the flat token axis.
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
-    q, k: [B, T, H, D] contiguous; v: [B, T, H, E] contiguous (same dtype);
-    initial_state / bonus: [N, H, D, E] fp32 or None. With ``reverse`` the sequences run
-    backwards in time. Returns (o [B, T, H, E] in out_dtype, final_state [N, H, D, E] fp32).
+
+def _forward_strategy(dim_k: int, dim_v: int, n_seqs: int, heads: int, dtype: torch.dtype, device: torch.device) -> str:
+    """``FORWARD`` when forced, else "sequential" when its programs (sequence x head x value tile)
+    cover every multiprocessor and D fits one tile, "split" otherwise.
+
+    fp32 inputs always run split: compiled for sm_90, the sequential kernel's exact fp32 dots
+    need ~6 KB of spilled registers per thread. The multiprocessor threshold is the simplest
+    one that keeps every multiprocessor busy; where exactly the two cross over is for
+    ``benchmarks/bench_lightning_attn.py`` to measure on each GPU.
+    """
+    if FORWARD != "auto":
+        if FORWARD not in ("sequential", "split"):
+            raise ValueError(f"FORWARD must be 'auto', 'sequential' or 'split', got {FORWARD!r}")
+        if FORWARD == "sequential" and dim_k > MAX_SEQUENTIAL_HEAD_DIM:
+            raise ValueError(f"the sequential forward takes head dims up to {MAX_SEQUENTIAL_HEAD_DIM}, got {dim_k}")
+        return FORWARD
+    if dim_k > MAX_SEQUENTIAL_HEAD_DIM or dtype == torch.float32:
+        return "split"
+    programs = n_seqs * heads * triton.cdiv(dim_v, _sequential_config(dim_k, dim_v)[2])
+    return "sequential" if programs >= _multiprocessors(device) else "split"
+
+
+def _forward(q, k, v, slopes, scale, initial_state, layout: ChunkLayout):
+    """Chunked lightning attention over the flat token axis.
+
+    q, k: [B, T, H, D] and v: [B, T, H, E] with unit stride along the head dim (same dtype);
+    initial_state: [N, H, D, E] fp32 or None. Returns (o [B, T, H, E], final_state [N, H, D, E] fp32).
     """
     batch, length, heads, dim_k = q.shape
     dim_v = v.shape[-1]
-    out = _new_output((batch, length, heads, dim_v), out_dtype, q.device)
+    out = _new_output((batch, length, heads, dim_v), q.dtype, q.device)
     if layout.n_seqs == 0 or heads == 0:
         return out, _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, q.device)
-    states, final = _chunk_states(k, v, slopes, initial_state, layout, reverse=reverse)
-    if layout.n_chunks == 0:
+    if _forward_strategy(dim_k, dim_v, layout.n_seqs, heads, q.dtype, q.device) == "sequential":
+        final = _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, q.device)
+        chunk, block_d, block_e = _sequential_config(dim_k, dim_v)
+        _sequential_forward_kernel[(layout.n_seqs, heads, triton.cdiv(dim_v, block_e))](
+            q, k, v, out, initial_state if initial_state is not None else final, final, slopes, layout.bounds,
+            float(scale), q.stride(1), v.stride(1), heads,
+            D=dim_k, E=dim_v, C=chunk, BLOCK_D=block_d, BLOCK_E=block_e,
+            HAS_INITIAL=initial_state is not None, DOT_PRECISION=_dot_precision(q.dtype), **_launch_options(num_warps=8),
+        )
         return out, final
-    _chunk_output_kernel[(layout.n_chunks, heads)](
-        q, k, v, out, states, bonus if bonus is not None else states, slopes,
-        layout.bounds, layout.seq, layout.lstart, layout.length,
-        float(scale), q.stride(1), v.stride(1), out.stride(1), heads,
-        D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=_head_tile(dim_k), BLOCK_E=_head_tile(dim_v),
-        REVERSE=reverse, HAS_BONUS=bonus is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        **_launch_options(num_warps=8),
-    )
+    states, final = _chunk_states(k, v, slopes, initial_state, layout)
+    if layout.tables.n_chunks:
+        _chunk_output_kernel[(layout.tables.n_chunks, heads)](
+            q, k, v, out, states, slopes, layout.bounds, layout.tables.seq, layout.tables.lstart, layout.tables.length,
+            float(scale), q.stride(1), v.stride(1), out.stride(1), heads,
+            D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=_head_tile(dim_k), BLOCK_E=_head_tile(dim_v),
+            DOT_PRECISION=_dot_precision(q.dtype), **_launch_options(num_warps=8),
+        )
     return out, final
 
 
-def _fused_backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout: ChunkLayout):
-    """dq, dk, dv (in the inputs' dtypes) and d(initial state) (fp32 [N, H, D, E]) in five launches:
-    the forward states again, the gradient states (reverse scan of sum_i lambda^{i+1} q_i^T G_i
-    from d(final state)), then one kernel per chunk sharing both score tiles between the gradients."""
-    batch, length, heads, dim_k = q.shape
+def _backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout: ChunkLayout):
+    """dq, dk, dv (in the inputs' dtypes) and d(initial state) (fp32 [N, H, D, E]) in three launches:
+    the forward states again, the gradient states (reverse pass of sum_i lambda^{i+1} q_i^T G_i from
+    d(final state)), then one kernel per chunk sharing both score tiles between the gradients."""
+    heads, dim_k = q.shape[2], q.shape[3]
     dim_v = v.shape[-1]
     dq, dk = _new_output(q.shape, q.dtype, q.device), _new_output(k.shape, k.dtype, k.device)
     dv = _new_output(v.shape, v.dtype, v.device)
     if layout.n_seqs == 0 or heads == 0:
         return dq, dk, dv, _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, q.device)
     states, _ = _chunk_states(k, v, slopes, state0, layout)
-    grad_states, d_state0 = _chunk_states(q, grad_out, slopes, grad_final, layout, decay_from_start=True,
-                                          scale=scale, backwards=True)
-    if layout.n_chunks:
-        _chunk_grad_kernel[(layout.n_chunks, heads)](
+    grad_states, d_state0 = _chunk_states(q, grad_out, slopes, grad_final, layout, backwards=True, scale=scale)
+    if layout.tables.n_chunks:
+        _chunk_grad_kernel[(layout.tables.n_chunks, heads)](
             q, k, v, grad_out, dq, dk, dv, states, grad_states, slopes,
-            layout.bounds, layout.seq, layout.lstart, layout.length,
+            layout.bounds, layout.tables.seq, layout.tables.lstart, layout.tables.length,
             float(scale), q.stride(1), v.stride(1), heads,
-            D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=_grad_tile(dim_k), BLOCK_E=_grad_tile(dim_v),
+            D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=_narrow_tile(dim_k), BLOCK_E=_narrow_tile(dim_v),
             DOT_PRECISION=_dot_precision(q.dtype), **_launch_options(num_warps=8),
         )
     return dq, dk, dv, d_state0
 
 
-def _state_transpose(state):
-    """[N, H, D, E] -> contiguous fp32 [N, H, E, D] (the state of the transposed-role runs)."""
-    return None if state is None else state.transpose(-1, -2).float().contiguous()
-
-
 class LightningAttnTriton(torch.autograd.Function):
-    """Chunked lightning attention with Triton kernels; the backward is ``BACKWARD``'s."""
+    """Chunked lightning attention with Triton kernels (forward: ``_forward``; backward: ``_backward``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, scale, initial_state, cu_seqlens, chunk_size):
@@ -542,49 +619,23 @@ class LightningAttnTriton(torch.autograd.Function):
         slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
         state0 = None if initial_state is None else initial_state.float().contiguous()
         layout = ChunkLayout(q.shape[0], q.shape[1], cu_seqlens, chunk_size, q.device)
-        out, final = _lightning_run(q, k, v, slopes, scale, state0, layout, out_dtype=q.dtype)
+        out, final = _forward(q, k, v, slopes, scale, state0, layout)
         ctx.save_for_backward(q, k, v, slopes, state0)
         ctx.layout, ctx.scale = layout, scale
-        ctx.backward_variant = BACKWARD  # fixed when the graph is recorded
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         return out, final
 
     @staticmethod
     def backward(ctx, grad_out, grad_final):
         q, k, v, slopes, state0 = ctx.saved_tensors
-        layout, scale = ctx.layout, ctx.scale
         grad_out = torch.zeros_like(v) if grad_out is None else grad_out.to(q.dtype).contiguous()
         grad_final = None if grad_final is None else grad_final.float().contiguous()
-        if ctx.backward_variant == "fused":
-            dq, dk, dv, d_state0 = _fused_backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout)
-            if state0 is None or not ctx.needs_input_grad[5]:
-                d_state0 = None
-            else:
-                d_state0 = d_state0.to(ctx.initial_dtype)
-            return dq, dk, dv, None, None, d_state0, None, None
-        # dq_t = scale * sum_{j<=t} lambda^{t-j} (do_t . v_j) k_j + scale * lambda^{t+1} do_t S0^T
-        dq, _ = _lightning_run(grad_out, v, k, slopes, scale, _state_transpose(state0), layout, out_dtype=q.dtype)
-        # dk_j = scale * sum_{t>=j} lambda^{t-j} (v_j . do_t) q_t + lambda^{T-1-j} v_j dS_T^T (reverse time)
-        dk, sum_do_q = _lightning_run(
-            v, grad_out, q, slopes, scale, None, layout, reverse=True, bonus=_state_transpose(grad_final), out_dtype=k.dtype
-        )
-        # dv_j = scale * sum_{t>=j} lambda^{t-j} (k_j . q_t) do_t + lambda^{T-1-j} k_j dS_T
-        dv, _ = _lightning_run(k, q, grad_out, slopes, scale, None, layout, reverse=True, bonus=grad_final, out_dtype=v.dtype)
-        d_state0 = None
-        if state0 is not None and ctx.needs_input_grad[5]:
-            d_state0 = _initial_state_grad(sum_do_q, grad_final, slopes, scale, layout)
+        dq, dk, dv, d_state0 = _backward(q, k, v, grad_out, slopes, ctx.scale, state0, grad_final, ctx.layout)
+        if state0 is None or not ctx.needs_input_grad[5]:
+            d_state0 = None
+        else:
             d_state0 = d_state0.to(ctx.initial_dtype)
         return dq, dk, dv, None, None, d_state0, None, None
-
-
-def _initial_state_grad(sum_do_q, grad_final, slopes, scale, layout):
-    """dS0 = scale * lambda * (sum_t lambda^t do_t^T q_t)^T + lambda^{T_n} dS_T, per sequence n."""
-    rates = slopes.view(1, -1, 1, 1)
-    d_state0 = scale * torch.exp(-rates) * sum_do_q.transpose(-1, -2)
-    if grad_final is not None:
-        lengths = layout.seq_lengths.to(torch.float32).view(-1, 1, 1, 1)
-        d_state0 = d_state0 + torch.exp(-rates * lengths) * grad_final
-    return d_state0
 
 
 # --------------------------------------------------------------------------- public entry points

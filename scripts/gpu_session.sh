@@ -2,7 +2,8 @@
 # Everything to run when a session is lent a GPU, as one call of the device tool, in priority
 # order so that a call cut short still brings back the most important part:
 #   1. the Triton kernel tests at real sizes, bf16 included (tests/kernels, GPU-only cases run);
-#   2. benchmarks/bench_lightning_attn.py (operator: triton / torch / SDPA / fla, roofline);
+#   2. benchmarks/bench_lightning_attn.py (operator: triton auto / sequential / split forward,
+#      torch, SDPA, fla; roofline);
 #   3. benchmarks/bench_vs_minimax.py in bf16 on CUDA;
 #   4. benchmarks/bench_long_context.py in bf16 on CUDA.
 # One log ($OUT/session.log) plus each benchmark's JSON and PNG land in $OUT (the device tool
@@ -45,9 +46,9 @@ step() {  # step SECONDS COMMAND...
   echo "=== exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
-step 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_lightning.py \
+step 180 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_lightning.py \
   tests/kernels/test_moe_dispatch.py tests/kernels/test_reference.py
-step 150 python3 benchmarks/bench_lightning_attn.py --out "$OUT"
+step 170 python3 benchmarks/bench_lightning_attn.py --out "$OUT"
 step 120 python3 benchmarks/bench_vs_minimax.py --device cuda --dtype bfloat16 --out "$OUT"
 step 60 python3 benchmarks/bench_long_context.py --device cuda --dtype bfloat16 \
   --max-context 1048576 --max-hybrid-context 262144 --chunk 65536 --out "$OUT"

@@ -25,7 +25,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from tnl_kernels import triton_backend as tb  # noqa: E402
 
 INDEX_POINTERS = ("bounds", "chunk_seq", "chunk_lstart", "chunk_len", "chunk_offsets")
-STATE_POINTERS = ("states", "grad_states", "bonus", "kv", "initial", "final", "state", "slopes")
+# fp32 buffers; the per-chunk ``states`` are stored in the input dtype.
+STATE_POINTERS = ("initial", "final", "state", "slopes")
 
 
 def argument_types(kernel, dtype: str) -> dict:
@@ -58,25 +59,29 @@ def resources(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int) -
         f.write(compiled.asm["cubin"])
     usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
     os.remove(path)
-    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
-    return {"registers": int(match.group(1)), "stack": int(match.group(2)), "shared": int(match.group(3))}
+    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    # Triton allocates its shared memory dynamically: the cubin's static figure is not it.
+    return {"registers": int(match.group(1)), "stack": int(match.group(2)), "shared": compiled.metadata.shared}
 
 
 def kernels_at(dim: int, dtype: str):
     """(name, kernel, constexprs, num_warps) as the backend launches them for D = E = dim."""
     precision = "ieee" if dtype == "fp32" else "tf32"
-    tile, grad_tile = tb._head_tile(dim), tb._grad_tile(dim)
+    tile, narrow = tb._head_tile(dim), tb._narrow_tile(dim)
     shape = dict(D=dim, E=dim, C=tb.CHUNK_SIZE)
-    return [
-        ("chunk_kv", tb._chunk_kv_kernel, dict(shape, BLOCK_D=tile, BLOCK_E=tile, REVERSE=False, DECAY_FROM_START=False,
-                                                DOT_PRECISION=precision), 4),
-        ("state_scan", tb._state_scan_kernel, dict(D=dim, E=dim, BLOCK_D=tile, BLOCK_E=tile, HAS_INITIAL=True,
-                                                   BACKWARDS=False), 4),
-        ("chunk_output", tb._chunk_output_kernel, dict(shape, BLOCK_D=tile, BLOCK_E=tile, REVERSE=False, HAS_BONUS=False,
-                                                       DOT_PRECISION=precision), 8),
-        ("chunk_grad", tb._chunk_grad_kernel, dict(shape, BLOCK_D=grad_tile, BLOCK_E=grad_tile, DOT_PRECISION=precision), 8),
+    seq_chunk, seq_d, seq_e = tb._sequential_config(dim, dim)
+    kernels = [
+        ("state_pass", tb._state_pass_kernel, dict(shape, BLOCK_D=narrow, BLOCK_E=narrow, HAS_INITIAL=True,
+                                                    BACKWARDS=False, DOT_PRECISION=precision), 8),
+        ("chunk_output", tb._chunk_output_kernel, dict(shape, BLOCK_D=tile, BLOCK_E=tile, DOT_PRECISION=precision), 8),
+        ("chunk_grad", tb._chunk_grad_kernel, dict(shape, BLOCK_D=narrow, BLOCK_E=narrow, DOT_PRECISION=precision), 8),
         ("decode", tb._decode_kernel, dict(D=dim, E=dim, BLOCK_D=tile, BLOCK_E=tile), 4),
     ]
+    if dim <= tb.MAX_SEQUENTIAL_HEAD_DIM:
+        kernels.insert(0, ("sequential_fwd", tb._sequential_forward_kernel,
+                           dict(shape, C=seq_chunk, BLOCK_D=seq_d, BLOCK_E=seq_e, HAS_INITIAL=True,
+                                DOT_PRECISION=precision), 8))
+    return kernels
 
 
 def main(argv=None):
@@ -84,8 +89,8 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--kernels", nargs="+", default=None, help="only these (chunk_kv, state_scan, chunk_output, "
-                        "chunk_grad, decode)")
+    parser.add_argument("--kernels", nargs="+", default=None, help="only these (sequential_fwd, state_pass, "
+                        "chunk_output, chunk_grad, decode)")
     args = parser.parse_args(argv)
     print(f"{'kernel':14s} {'D=E':>5s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s}")
     for dim in args.dims:

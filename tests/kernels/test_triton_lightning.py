@@ -148,22 +148,65 @@ def test_gradient_from_final_state_only():
     assert actual["dq"].abs().max() == 0  # q never reaches the final state
 
 
-@pytest.mark.parametrize("variant", ["three_runs", "fused"])
-@pytest.mark.parametrize("length, dim_k, dim_v, use_state0", [(65, 48, 32, True), (200, 32, 96, False)])
-def test_both_backward_variants_match_fp64_recurrence(monkeypatch, variant, length, dim_k, dim_v, use_state0):
-    """The fused backward (the default) and the three-runs one it replaces, on the same oracle."""
-    monkeypatch.setattr(triton_backend, "BACKWARD", variant)
-    inputs = make_inputs(2, length, 2, dim_k, dim_v, torch.float32, seed=20 + length)
-    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+# The forward strategies of the backend. "auto" picks one per call: under the interpreter (the
+# CPU counts as one multiprocessor) sequential for fp16 when D fits its tile, split for fp32.
+STRATEGIES = ["sequential", "split"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("length, dim_k, dim_v, slope, dtype, use_state0", [
+    (1, 16, 16, 0.5, torch.float32, True),
+    (63, 64, 48, 4.0, torch.float32, False),
+    (65, 48, 96, 0.3, torch.float32, True),
+    (200, 96, 48, 0.1, torch.float16, True),
+    (513, 32, 64, 0.02, torch.float32, True),
+])
+def test_each_forward_strategy_matches_fp64_recurrence(monkeypatch, strategy, length, dim_k, dim_v, slope, dtype,
+                                                       use_state0):
+    """Both forwards on the same oracle (the backward is shared; its gradients are checked too)."""
+    monkeypatch.setattr(triton_backend, "FORWARD", strategy)
+    inputs = make_inputs(2, length, 2, dim_k, dim_v, dtype, seed=20 + length)
+    slopes = torch.tensor([0.0, slope], device=DEVICE)
     kwargs = dict(scale=0.7, use_state0=use_state0)
-    assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), torch.float32)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), dtype)
 
 
-@pytest.mark.parametrize("variant", ["three_runs", "fused"])
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dims, batch, heads, dtype, expected", [
+    ((64, 64), 2, 2, torch.float16, "sequential"),
+    ((128, 256), 1, 1, torch.bfloat16, "sequential"),
+    ((192, 64), 8, 8, torch.float16, "split"),  # D above one sequential tile
+    ((64, 64), 8, 8, torch.float32, "split"),  # exact fp32 dots spill in the sequential kernel
+])
+def test_auto_strategy_on_one_multiprocessor(monkeypatch, dims, batch, heads, dtype, expected):
+    monkeypatch.setattr(triton_backend, "FORWARD", "auto")
+    assert triton_backend._forward_strategy(*dims, batch, heads, dtype, CPU) == expected
+
+
+def test_auto_strategy_needs_a_program_per_multiprocessor(monkeypatch):
+    """On a GPU with 132 multiprocessors, one sequence of 8 heads (long-context prefill) runs split."""
+    monkeypatch.setattr(triton_backend, "FORWARD", "auto")
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 132)
+    assert triton_backend._forward_strategy(128, 128, 1, 8, torch.bfloat16, CPU) == "split"
+    assert triton_backend._forward_strategy(128, 128, 8, 32, torch.bfloat16, CPU) == "sequential"
+
+
+def test_forced_strategy_is_checked(monkeypatch):
+    monkeypatch.setattr(triton_backend, "FORWARD", "sequential")
+    with pytest.raises(ValueError, match="up to 128"):
+        triton_backend._forward_strategy(192, 64, 1, 1, torch.float16, CPU)
+    monkeypatch.setattr(triton_backend, "FORWARD", "parallel")
+    with pytest.raises(ValueError, match="FORWARD must be"):
+        triton_backend._forward_strategy(64, 64, 1, 1, torch.float16, CPU)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_varlen_matches_per_sequence_runs(monkeypatch, dtype, variant):
+def test_varlen_matches_per_sequence_runs(monkeypatch, dtype, strategy):
     """Uneven lengths (one empty, one of exactly a chunk, several crossing chunk borders)."""
-    monkeypatch.setattr(triton_backend, "BACKWARD", variant)
+    monkeypatch.setattr(triton_backend, "FORWARD", strategy)
     lengths = [7, 64, 0, 130, 1, 65]
     bounds = [0]
     for n in lengths:
@@ -181,6 +224,18 @@ def test_varlen_matches_per_sequence_runs(monkeypatch, dtype, variant):
                 assert_close(packed[name][:, start:stop], alone[name], dtype, f"sequence {n} {name}")
         for name in ("final", "dstate0"):
             assert_close(packed[name][n : n + 1], alone[name], dtype, f"sequence {n} {name}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_no_tokens_passes_the_state_through(monkeypatch, strategy):
+    """T = 0 (every sequence empty): no output rows, final state = initial state, d(initial) = d(final)."""
+    monkeypatch.setattr(triton_backend, "FORWARD", strategy)
+    inputs = make_inputs(2, 0, 2, 32, 48, torch.float16, seed=30)
+    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+    actual = triton_run(inputs, slopes, scale=1.0, use_state0=True)
+    assert actual["o"].shape == (2, 0, 2, 48)
+    assert torch.equal(actual["final"], inputs["state0"])
+    assert torch.equal(actual["dstate0"], inputs["grad_final"])
 
 
 def test_strided_inputs_from_a_fused_projection():
@@ -262,10 +317,14 @@ GPU_ONLY = pytest.mark.skipif(not CUDA, reason="real sizes need a GPU")
 
 
 @GPU_ONLY
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 96, 128, 256])
-def test_real_sizes_on_gpu(dim, dtype):
+def test_real_sizes_on_gpu(monkeypatch, dim, dtype, strategy):
     """T = 4099 (64 chunks and a 3-token tail), every gradient, against the fp64 chunked form."""
+    if strategy == "sequential" and dim > triton_backend.MAX_SEQUENTIAL_HEAD_DIM:
+        pytest.skip("the sequential forward takes D <= 128")
+    monkeypatch.setattr(triton_backend, "FORWARD", strategy)
     inputs = make_inputs(2, 4099, 4, dim, dim, dtype, seed=dim)
     slopes = torch.tensor([0.0, 0.002, 0.05, 0.5], device=DEVICE)
     kwargs = dict(scale=1.0, use_state0=True)
