@@ -154,10 +154,15 @@ def _state_pass_kernel(
 
     Tiles are addressed as a scalar 64-bit base per chunk plus int32 offsets: [C, BLOCK] pointer
     tensors would stay live across the loop at twice the registers."""
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    tile = tl.program_id(2)
+    # One flat grid axis, tiles fastest: the programs of one (sequence, head) start together and
+    # walk its chunks in step, so the k and v tiles they share are read from L2, not HBM, and
+    # millions of varlen sequences fit (the second and third grid axes stop at 65535).
     n_e_tiles = tl.cdiv(E, BLOCK_E)
+    n_tiles = tl.cdiv(D, BLOCK_D) * n_e_tiles
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    head = (pid // n_tiles) % H
+    seq = (pid // n_tiles // H).to(tl.int64)
     d_cols = (tile // n_e_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
     e_cols = (tile % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
     in_tile = (d_cols[:, None] < D) & (e_cols[None, :] < E)
@@ -210,12 +215,16 @@ def _sequential_forward_kernel(
 ):
     """One sequence, head and value tile, chunk after chunk: the output of each chunk from its
     scores and the fp32 state carried in registers, then the state update. q, k, v are read once
-    and o written once (value tiles of the same head re-read q and k, mostly from L2). Addressing
-    as in ``_state_pass_kernel``; v and o share one token stride."""
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    from HBM and o written once. Addressing as in ``_state_pass_kernel``; v and o share one token
+    stride."""
+    # Flat grid, value tiles fastest (see _state_pass_kernel): the value tiles of one head re-read
+    # the same q and k tiles at about the same time, so the second read comes from L2.
+    n_e_tiles = tl.cdiv(E, BLOCK_E)
+    pid = tl.program_id(0)
+    head = (pid // n_e_tiles) % H
+    seq = (pid // n_e_tiles // H).to(tl.int64)
     d_cols = tl.arange(0, BLOCK_D)
-    e_cols = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_cols = (pid % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
     in_tile = (d_cols[:, None] < D) & (e_cols[None, :] < E)
     state_offsets = (seq * H + head) * (D * E) + d_cols[:, None] * E + e_cols[None, :]
     if HAS_INITIAL:
@@ -520,7 +529,7 @@ def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, backwards
     n_tiles = triton.cdiv(dim_k, block_d) * triton.cdiv(dim_v, block_e)
     final = _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, k.device)
     states = _new_output((layout.tables.n_chunks, heads, dim_k, dim_v), _stored_state_dtype(k.dtype), k.device)
-    _state_pass_kernel[(layout.n_seqs, heads, n_tiles)](
+    _state_pass_kernel[(layout.n_seqs * heads * n_tiles,)](
         k, v, states, initial_state if initial_state is not None else final, final, slopes,
         layout.bounds, layout.tables.chunk_offsets, k.stride(1), v.stride(1), heads, float(scale),
         D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=block_d, BLOCK_E=block_e,
@@ -530,6 +539,7 @@ def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, backwards
     return states, final
 
 
+@functools.lru_cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -569,7 +579,7 @@ def _forward(q, k, v, slopes, scale, initial_state, layout: ChunkLayout):
     if _forward_strategy(dim_k, dim_v, layout.n_seqs, heads, q.dtype, q.device) == "sequential":
         final = _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, q.device)
         chunk, block_d, block_e = _sequential_config(dim_k, dim_v)
-        _sequential_forward_kernel[(layout.n_seqs, heads, triton.cdiv(dim_v, block_e))](
+        _sequential_forward_kernel[(layout.n_seqs * heads * triton.cdiv(dim_v, block_e),)](
             q, k, v, out, initial_state if initial_state is not None else final, final, slopes, layout.bounds,
             float(scale), q.stride(1), v.stride(1), heads,
             D=dim_k, E=dim_v, C=chunk, BLOCK_D=block_d, BLOCK_E=block_e,
