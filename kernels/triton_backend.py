@@ -82,17 +82,16 @@ def _narrow_tile(dim: int) -> int:
 
 
 def _sequential_config(dim_k: int, dim_v: int) -> tuple[int, int, int]:
-    """(chunk length, BLOCK_D, BLOCK_E) of the sequential forward: all of D in one tile.
+    """(chunk length, BLOCK_D, BLOCK_E) of the sequential forward: all of D in one tile, E in tiles
+    of at most 64, 32-token chunks.
 
-    Chosen so that nothing spills when compiled for sm_90 with 8 warps (``scripts/kernel_resources.py``):
-    D <= 64 takes 64-token chunks and 32-wide value tiles (184 registers); D = 128 takes 32-token
-    chunks and 64-wide value tiles (246 registers; 64-token chunks spilled at every value tile
-    width from 16 up). Shorter chunks cost no extra FLOPs at D = 128: per token, the intra-chunk
-    part (~C D) shrinks while the state part (~D E) stays."""
-    block_d = max(16, triton.next_power_of_2(dim_k))
-    if block_d <= 64:
-        return 64, block_d, _narrow_tile(dim_v)
-    return 32, block_d, _head_tile(dim_v)
+    The largest tiles that do not spill when compiled for sm_90 with 8 warps
+    (``scripts/kernel_resources.py``): 198 registers at D = E = 64 (one value tile: Q K^T formed
+    once per chunk), 246 at D = E = 128 (two value tiles, each forming Q K^T: +9% FLOPs, and the
+    price of keeping the state in registers). 64-token chunks spilled at D = 128 for every value
+    tile width from 16 up, and at D = 64 needed two value tiles. Shorter chunks cost no FLOPs:
+    per token the intra-chunk part (~C D) shrinks while the state part (~D E) stays."""
+    return 32, max(16, triton.next_power_of_2(dim_k)), _head_tile(dim_v)
 
 
 def _launch_options(num_warps: int = 4) -> dict:
