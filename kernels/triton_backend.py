@@ -13,27 +13,29 @@ Two forward strategies, chosen per call by ``_forward_strategy``:
   registers, writing each chunk's output as it goes. It reads q, k, v once and writes o
   once: the memory traffic of the bandwidth roofline. It needs enough (sequence, head)
   pairs to fill the GPU and a head dim that fits one tile (D <= 128).
-* ``split`` - parallel over chunks: ``_state_pass_kernel`` walks each sequence once to
-  store the state entering every chunk, then ``_chunk_output_kernel`` computes every
-  chunk independently. More traffic (each chunk's ``[D, E]`` state is written and read
-  back), but every chunk of a long sequence runs at once: the choice for few sequences
-  (long-context prefill) and for head dims above 128.
+* ``split`` - the state entering every chunk is stored (``_chunk_states``), then
+  ``_chunk_output_kernel`` computes every chunk independently. More traffic (each chunk's
+  ``[D, E]`` state is written and read back), but all chunks of a long sequence run at
+  once: the choice for few sequences (long-context prefill) and head dims above 128.
 
-The backward recomputes the states entering every chunk (a state pass), scans the
-gradient states backwards from d(final state) (the same pass run from the last chunk,
-with summaries ``sum_i lambda^{i+1} q_i^T dO_i``; what it carries out of the first chunk
-is d(initial state)), then ``_chunk_grad_kernel`` forms each chunk's two score tiles once
-and derives dq, dk and dv from them and the two states, as the CPU path
-(``kernels/chunked.py::chunked_backward``) does. Every gradient is summed in fp32 and
-rounded once when stored.
+The backward computes the states entering every chunk again, the gradient states
+(``R``, the gradient reaching each chunk's end, from d(final state) backwards through the
+summaries ``sum_i lambda^{i+1} q_i^T dO_i``; what leaves the first chunk is d(initial
+state)), then ``_chunk_grad_kernel`` forms each chunk's two score tiles once and derives
+dq, dk and dv from them and the two states, as the CPU path
+(``kernels/chunked.py::chunked_backward``) does.
 
-Stored per-chunk states are consumed only by tensor-core dots, which take them in the
-input dtype; the passes therefore store them in that dtype (the same rounding the
-consumer would apply to an fp32 copy, so the results are identical) while the running
-sums stay fp32 in registers from the first chunk to the last. This halves their traffic
-for bf16/fp16. Every decay factor is block-local and <= 1, and the causal mask is applied
-with ``where`` before ``exp``. Sequences (batch rows or ``cu_seqlens`` pieces) live on a
-flat token axis, so varlen costs nothing extra.
+``_chunk_states`` has two strategies of its own (``_state_strategy``): ``sequential``, one
+program per (sequence, head, 32x32 state tile) walking the chunks with the running sum in
+fp32 registers (``_state_pass_kernel``, least traffic), or ``parallel``, every chunk's
+summary at once (``_chunk_kv_kernel``) and then a walk of [D, E] additions only
+(``_state_scan_kernel``), for when too few programs would walk to fill the GPU. Forward
+states are stored in the input dtype by the sequential pass: their only consumers are
+tensor-core dots that take them in that dtype, so the results are those of an fp32 copy,
+at half the traffic. Gradient states are stored in fp32 either way, and every gradient
+is summed in fp32 and rounded once, when stored. Every decay factor is block-local and
+<= 1, and the causal mask is applied with ``where`` before ``exp``. Sequences (batch rows
+or ``cu_seqlens`` pieces) live on a flat token axis, so varlen costs nothing extra.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with fixed launch
 configurations (no autotuning).
@@ -58,6 +60,9 @@ MAX_SEQUENTIAL_HEAD_DIM = 128
 # "auto" (``_forward_strategy`` decides), "sequential" or "split": the tests and the
 # benchmark force each one.
 FORWARD = "auto"
+# How the per-chunk states are computed (split forward, backward): "auto" (``_state_strategy``),
+# "sequential" or "parallel".
+STATES = "auto"
 
 # Test hook: when True, every output buffer starts as NaN so that an element a
 # kernel forgets to write fails the comparison instead of passing by luck.
@@ -203,6 +208,93 @@ def _state_pass_kernel(
         summary = tl.dot(tl.trans(k_weighted), v_tile, input_precision=DOT_PRECISION)
         state = tl.exp(-rate * length.to(tl.float32)) * state + summary * scale
     tl.store(final + state_block + tile_offsets, state, mask=in_tile)
+
+
+@triton.jit
+def _chunk_kv_kernel(
+    k, v, kv, slopes, bounds, chunk_seq, chunk_lstart, chunk_len,
+    stride_k_tok, stride_v_tok, H, scale,
+    D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DECAY_FROM_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Chunk-parallel states, step 1: KV_b[d, e] = scale * sum_j w_j k_j[d] v_j[e] (fp32) for one chunk,
+    head and [BLOCK_D, BLOCK_E] tile, with w_j = lambda^{c-1-j} (decay to the chunk's end: the
+    forward's state summary) or, with DECAY_FROM_START, w_j = lambda^{j+1} (the backward's summary
+    sum_i lambda^{i+1} q_i^T dO_i)."""
+    chunk = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    tile = tl.program_id(2)
+    n_e_tiles = tl.cdiv(E, BLOCK_E)
+    d_cols = (tile // n_e_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+    e_cols = (tile % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
+    first_token, row_offsets, valid, length = _chunk_tokens(bounds, chunk_seq, chunk_lstart, chunk_len, chunk, C)
+    rate = tl.load(slopes + head)
+    rows = tl.arange(0, C)
+    # lambda^{c-1-j} (or lambda^{j+1}); rows past the chunk end are masked before exp.
+    if DECAY_FROM_START:
+        steps = rows + 1
+    else:
+        steps = length - 1 - rows
+    key_decay = tl.exp(tl.where(valid, -rate * steps.to(tl.float32), float("-inf")))
+    k_tile = tl.load(
+        k + first_token * stride_k_tok + row_offsets[:, None] * stride_k_tok + head * D + d_cols[None, :],
+        mask=valid[:, None] & (d_cols[None, :] < D), other=0.0,
+    )
+    v_tile = tl.load(
+        v + first_token * stride_v_tok + row_offsets[:, None] * stride_v_tok + head * E + e_cols[None, :],
+        mask=valid[:, None] & (e_cols[None, :] < E), other=0.0,
+    )
+    k_decayed = (k_tile.to(tl.float32) * key_decay[:, None]).to(v_tile.dtype)
+    summary = tl.dot(tl.trans(k_decayed), v_tile, input_precision=DOT_PRECISION) * scale
+    out = kv + (chunk * H + head) * (D * E) + d_cols[:, None] * E + e_cols[None, :]
+    tl.store(out, summary, mask=(d_cols[:, None] < D) & (e_cols[None, :] < E))
+
+
+@triton.jit
+def _state_scan_kernel(
+    kv, initial, final, slopes, chunk_offsets, chunk_len, H,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_INITIAL: tl.constexpr,
+    BACKWARDS: tl.constexpr,
+):
+    """Chunk-parallel states, step 2: walk one sequence's chunk summaries in order, replacing each
+    summary KV_b by the state entering chunk b, and write the state after the last chunk. fp32
+    throughout; only [D, E] additions on the walk.
+
+    BACKWARDS walks from the last chunk to the first (the backward's gradient state R: each
+    slot receives the gradient reaching the end of its chunk, ``final`` gets d(initial state))."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    tile = tl.program_id(2)
+    n_e_tiles = tl.cdiv(E, BLOCK_E)
+    d_cols = (tile // n_e_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+    e_cols = (tile % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
+    in_tile = (d_cols[:, None] < D) & (e_cols[None, :] < E)
+    tile_offsets = d_cols[:, None] * E + e_cols[None, :]
+    rate = tl.load(slopes + head)
+    state_offset = (seq * H + head) * (D * E)
+    if HAS_INITIAL:
+        state = tl.load(initial + state_offset + tile_offsets, mask=in_tile, other=0.0)
+    else:
+        state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
+    first = tl.load(chunk_offsets + seq)
+    last = tl.load(chunk_offsets + seq + 1)
+    # Step a 64-bit pointer instead of multiplying the loop index (no casts on loop indices).
+    if BACKWARDS:
+        ptr = kv + ((last - 1).to(tl.int64) * H + head) * (D * E) + tile_offsets
+        step = -H * D * E
+    else:
+        ptr = kv + (first.to(tl.int64) * H + head) * (D * E) + tile_offsets
+        step = H * D * E
+    for chunk in range(first, last):
+        if BACKWARDS:
+            length = tl.load(chunk_len + (first + last - 1 - chunk))
+        else:
+            length = tl.load(chunk_len + chunk)
+        summary = tl.load(ptr, mask=in_tile, other=0.0)
+        tl.store(ptr, state, mask=in_tile)
+        state = tl.exp(-rate * length.to(tl.float32)) * state + summary
+        ptr += step
+    tl.store(final + state_offset + tile_offsets, state, mask=in_tile)
 
 
 @triton.jit
@@ -511,29 +603,50 @@ class ChunkLayout:
 # --------------------------------------------------------------------------- launch helpers
 
 
-def _stored_state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Per-chunk states are stored in the dtype their consuming dots take (see the module docstring)."""
-    return torch.float32 if dtype == torch.float32 else dtype
-
-
 def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, backwards=False, scale=1.0):
-    """The state entering every chunk ``[n_chunks, H, D, E]`` (input dtype) and the fp32 state after
-    each sequence ``[N, H, D, E]``, from ``initial_state``.
+    """The state entering every chunk ``[n_chunks, H, D, E]`` and the fp32 state after each
+    sequence ``[N, H, D, E]``, from ``initial_state``.
 
     With ``backwards`` (k = q, v = dO, initial_state = d(final state)): each slot holds the gradient
     reaching its chunk's end, and the returned "final" is d(initial state).
+
+    ``_state_strategy`` picks how: "sequential" (``_state_pass_kernel``: the dots on the walk,
+    forward states stored in the input dtype, the only dtype their consumers read; gradient states
+    stay fp32) or "parallel" (``_chunk_kv_kernel`` forms every chunk's summary at once in fp32, then
+    ``_state_scan_kernel`` walks only [D, E] additions; for when too few sequences x heads x tiles
+    would walk in sequence to fill the GPU).
     """
     heads, dim_k, dim_v = k.shape[2], k.shape[3], v.shape[3]
-    block_d, block_e = _narrow_tile(dim_k), _narrow_tile(dim_v)
-    n_tiles = triton.cdiv(dim_k, block_d) * triton.cdiv(dim_v, block_e)
     final = _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, k.device)
-    states = _new_output((layout.tables.n_chunks, heads, dim_k, dim_v), _stored_state_dtype(k.dtype), k.device)
-    _state_pass_kernel[(layout.n_seqs * heads * n_tiles,)](
-        k, v, states, initial_state if initial_state is not None else final, final, slopes,
-        layout.bounds, layout.tables.chunk_offsets, k.stride(1), v.stride(1), heads, float(scale),
-        D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=block_d, BLOCK_E=block_e,
-        HAS_INITIAL=initial_state is not None, BACKWARDS=backwards, DOT_PRECISION=_dot_precision(k.dtype),
-        **_launch_options(num_warps=8),
+    state_in = initial_state if initial_state is not None else final  # a placeholder when HAS_INITIAL is off
+    if _state_strategy(dim_k, dim_v, layout.n_seqs, heads, k.device) == "sequential":
+        block_d, block_e = _narrow_tile(dim_k), _narrow_tile(dim_v)
+        n_tiles = triton.cdiv(dim_k, block_d) * triton.cdiv(dim_v, block_e)
+        stored_dtype = torch.float32 if backwards or k.dtype == torch.float32 else k.dtype
+        states = _new_output((layout.tables.n_chunks, heads, dim_k, dim_v), stored_dtype, k.device)
+        _state_pass_kernel[(layout.n_seqs * heads * n_tiles,)](
+            k, v, states, state_in, final, slopes, layout.bounds, layout.tables.chunk_offsets,
+            k.stride(1), v.stride(1), heads, float(scale),
+            D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=block_d, BLOCK_E=block_e,
+            HAS_INITIAL=initial_state is not None, BACKWARDS=backwards, DOT_PRECISION=_dot_precision(k.dtype),
+            **_launch_options(num_warps=8),
+        )
+        return states, final
+    block_d, block_e = _head_tile(dim_k), _head_tile(dim_v)
+    n_tiles = triton.cdiv(dim_k, block_d) * triton.cdiv(dim_v, block_e)
+    tables = layout.tables
+    # Chunk summaries, overwritten in place by the scan with each chunk's state.
+    states = _new_output((tables.n_chunks, heads, dim_k, dim_v), torch.float32, k.device)
+    if tables.n_chunks:
+        _chunk_kv_kernel[(tables.n_chunks, heads, n_tiles)](
+            k, v, states, slopes, layout.bounds, tables.seq, tables.lstart, tables.length, k.stride(1), v.stride(1),
+            heads, float(scale), D=dim_k, E=dim_v, C=layout.chunk, BLOCK_D=block_d, BLOCK_E=block_e,
+            DECAY_FROM_START=backwards, DOT_PRECISION=_dot_precision(k.dtype), **_launch_options(),
+        )
+    _state_scan_kernel[(layout.n_seqs, heads, n_tiles)](
+        states, state_in, final, slopes, tables.chunk_offsets, tables.length, heads,
+        D=dim_k, E=dim_v, BLOCK_D=block_d, BLOCK_E=block_e, HAS_INITIAL=initial_state is not None,
+        BACKWARDS=backwards, **_launch_options(),
     )
     return states, final
 
@@ -543,25 +656,40 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def _fills_gpu(programs: int, device: torch.device) -> bool:
+    """Whether a kernel whose programs each walk a whole sequence has one for every multiprocessor:
+    the simplest rule that keeps the GPU busy. Where each choice really crosses over is for
+    ``benchmarks/bench_lightning_attn.py`` to measure (it times every strategy forced)."""
+    return programs >= _multiprocessors(device)
+
+
+def _checked_override(name: str, value: str, choices: tuple) -> str:
+    if value not in ("auto", *choices):
+        raise ValueError(f"{name} must be 'auto' or one of {choices}, got {value!r}")
+    return value
+
+
 def _forward_strategy(dim_k: int, dim_v: int, n_seqs: int, heads: int, dtype: torch.dtype, device: torch.device) -> str:
     """``FORWARD`` when forced, else "sequential" when its programs (sequence x head x value tile)
-    cover every multiprocessor and D fits one tile, "split" otherwise.
-
-    fp32 inputs always run split: compiled for sm_90, the sequential kernel's exact fp32 dots
-    need ~6 KB of spilled registers per thread. The multiprocessor threshold is the simplest
-    one that keeps every multiprocessor busy; where exactly the two cross over is for
-    ``benchmarks/bench_lightning_attn.py`` to measure on each GPU.
-    """
-    if FORWARD != "auto":
-        if FORWARD not in ("sequential", "split"):
-            raise ValueError(f"FORWARD must be 'auto', 'sequential' or 'split', got {FORWARD!r}")
+    fill the GPU and D fits one tile, "split" otherwise. fp32 inputs always run split: compiled for
+    sm_90, the sequential kernel's exact fp32 dots need ~6 KB of spilled registers per thread."""
+    if _checked_override("FORWARD", FORWARD, ("sequential", "split")) != "auto":
         if FORWARD == "sequential" and dim_k > MAX_SEQUENTIAL_HEAD_DIM:
             raise ValueError(f"the sequential forward takes head dims up to {MAX_SEQUENTIAL_HEAD_DIM}, got {dim_k}")
         return FORWARD
     if dim_k > MAX_SEQUENTIAL_HEAD_DIM or dtype == torch.float32:
         return "split"
     programs = n_seqs * heads * triton.cdiv(dim_v, _sequential_config(dim_k, dim_v)[2])
-    return "sequential" if programs >= _multiprocessors(device) else "split"
+    return "sequential" if _fills_gpu(programs, device) else "split"
+
+
+def _state_strategy(dim_k: int, dim_v: int, n_seqs: int, heads: int, device: torch.device) -> str:
+    """``STATES`` when forced, else "sequential" when the state pass's programs (sequence x head x
+    32x32 state tile) fill the GPU, "parallel" otherwise."""
+    if _checked_override("STATES", STATES, ("sequential", "parallel")) != "auto":
+        return STATES
+    programs = n_seqs * heads * triton.cdiv(dim_k, _narrow_tile(dim_k)) * triton.cdiv(dim_v, _narrow_tile(dim_v))
+    return "sequential" if _fills_gpu(programs, device) else "parallel"
 
 
 def _forward(q, k, v, slopes, scale, initial_state, layout: ChunkLayout):

@@ -25,8 +25,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from tnl_kernels import triton_backend as tb  # noqa: E402
 
 INDEX_POINTERS = ("bounds", "chunk_seq", "chunk_lstart", "chunk_len", "chunk_offsets")
-# fp32 buffers; the per-chunk ``states`` are stored in the input dtype.
-STATE_POINTERS = ("initial", "final", "state", "slopes")
+# fp32 buffers; the per-chunk forward ``states`` of the sequential state pass are in the input dtype.
+STATE_POINTERS = ("initial", "final", "state", "slopes", "kv", "grad_states")
 
 
 def argument_types(kernel, dtype: str) -> dict:
@@ -73,6 +73,10 @@ def kernels_at(dim: int, dtype: str):
     kernels = [
         ("state_pass", tb._state_pass_kernel, dict(shape, BLOCK_D=narrow, BLOCK_E=narrow, HAS_INITIAL=True,
                                                     BACKWARDS=False, DOT_PRECISION=precision), 8),
+        ("chunk_kv", tb._chunk_kv_kernel, dict(shape, BLOCK_D=tile, BLOCK_E=tile, DECAY_FROM_START=False,
+                                                DOT_PRECISION=precision), 4),
+        ("state_scan", tb._state_scan_kernel, dict(D=dim, E=dim, BLOCK_D=tile, BLOCK_E=tile, HAS_INITIAL=True,
+                                                   BACKWARDS=False), 4),
         ("chunk_output", tb._chunk_output_kernel, dict(shape, BLOCK_D=tile, BLOCK_E=tile, DOT_PRECISION=precision), 8),
         ("chunk_grad", tb._chunk_grad_kernel, dict(shape, BLOCK_D=narrow, BLOCK_E=narrow, DOT_PRECISION=precision), 8),
         ("decode", tb._decode_kernel, dict(D=dim, E=dim, BLOCK_D=tile, BLOCK_E=tile), 4),
@@ -90,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--kernels", nargs="+", default=None, help="only these (sequential_fwd, state_pass, "
-                        "chunk_output, chunk_grad, decode)")
+                        "chunk_kv, state_scan, chunk_output, chunk_grad, decode)")
     args = parser.parse_args(argv)
     print(f"{'kernel':14s} {'D=E':>5s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s}")
     for dim in args.dims:

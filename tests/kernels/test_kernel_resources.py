@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "kernel_resources.py"
-KERNELS = {"sequential_fwd", "state_pass", "chunk_output", "chunk_grad", "decode"}
+KERNELS = {"sequential_fwd", "state_pass", "chunk_kv", "state_scan", "chunk_output", "chunk_grad", "decode"}
 
 
 @pytest.mark.parametrize("dim", [64, 128])

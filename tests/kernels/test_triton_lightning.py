@@ -151,6 +151,9 @@ def test_gradient_from_final_state_only():
 # The forward strategies of the backend. "auto" picks one per call: under the interpreter (the
 # CPU counts as one multiprocessor) sequential for fp16 when D fits its tile, split for fp32.
 STRATEGIES = ["sequential", "split"]
+# How the split forward and the backward get the per-chunk states (one walk per sequence, or
+# every chunk at once and a cheap scan); "auto" walks under the interpreter.
+STATE_STRATEGIES = ["sequential", "parallel"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -202,11 +205,40 @@ def test_forced_strategy_is_checked(monkeypatch):
         triton_backend._forward_strategy(64, 64, 1, 1, torch.float16, CPU)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("states", STATE_STRATEGIES)
+@pytest.mark.parametrize("length, dim_k, dim_v, dtype, use_state0", [
+    (65, 48, 32, torch.float32, True),
+    (200, 32, 96, torch.float16, False),
+    (130, 96, 64, torch.float16, True),
+])
+def test_each_state_strategy_matches_fp64_recurrence(monkeypatch, states, length, dim_k, dim_v, dtype, use_state0):
+    """The per-chunk states (split forward and backward) computed both ways, on the same oracle."""
+    monkeypatch.setattr(triton_backend, "FORWARD", "split")
+    monkeypatch.setattr(triton_backend, "STATES", states)
+    inputs = make_inputs(2, length, 2, dim_k, dim_v, dtype, seed=40 + length)
+    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+    kwargs = dict(scale=0.7, use_state0=use_state0)
+    assert_all_close(triton_run(inputs, slopes, **kwargs), fp64_oracle(inputs, slopes, **kwargs), dtype)
+
+
+def test_auto_state_strategy(monkeypatch):
+    monkeypatch.setattr(triton_backend, "STATES", "auto")
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 132)
+    # 1 sequence x 8 heads x 16 state tiles of 32x32 = 128 walks: too few, every chunk at once instead
+    assert triton_backend._state_strategy(128, 128, 1, 8, CPU) == "parallel"
+    assert triton_backend._state_strategy(128, 128, 2, 8, CPU) == "sequential"
+    monkeypatch.setattr(triton_backend, "STATES", "scan")
+    with pytest.raises(ValueError, match="STATES must be"):
+        triton_backend._state_strategy(64, 64, 1, 1, CPU)
+
+
+@pytest.mark.parametrize("strategy, states", [("sequential", "sequential"), ("split", "sequential"),
+                                              ("split", "parallel")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_varlen_matches_per_sequence_runs(monkeypatch, dtype, strategy):
+def test_varlen_matches_per_sequence_runs(monkeypatch, dtype, strategy, states):
     """Uneven lengths (one empty, one of exactly a chunk, several crossing chunk borders)."""
     monkeypatch.setattr(triton_backend, "FORWARD", strategy)
+    monkeypatch.setattr(triton_backend, "STATES", states)
     lengths = [7, 64, 0, 130, 1, 65]
     bounds = [0]
     for n in lengths:
@@ -226,10 +258,11 @@ def test_varlen_matches_per_sequence_runs(monkeypatch, dtype, strategy):
             assert_close(packed[name][n : n + 1], alone[name], dtype, f"sequence {n} {name}")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_no_tokens_passes_the_state_through(monkeypatch, strategy):
+@pytest.mark.parametrize("strategy, states", [("sequential", "sequential"), ("split", "parallel")])
+def test_no_tokens_passes_the_state_through(monkeypatch, strategy, states):
     """T = 0 (every sequence empty): no output rows, final state = initial state, d(initial) = d(final)."""
     monkeypatch.setattr(triton_backend, "FORWARD", strategy)
+    monkeypatch.setattr(triton_backend, "STATES", states)
     inputs = make_inputs(2, 0, 2, 32, 48, torch.float16, seed=30)
     slopes = torch.tensor([0.0, 0.3], device=DEVICE)
     actual = triton_run(inputs, slopes, scale=1.0, use_state0=True)
@@ -317,14 +350,16 @@ GPU_ONLY = pytest.mark.skipif(not CUDA, reason="real sizes need a GPU")
 
 
 @GPU_ONLY
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy, states", [("sequential", "sequential"), ("split", "parallel")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 96, 128, 256])
-def test_real_sizes_on_gpu(monkeypatch, dim, dtype, strategy):
-    """T = 4099 (64 chunks and a 3-token tail), every gradient, against the fp64 chunked form."""
+def test_real_sizes_on_gpu(monkeypatch, dim, dtype, strategy, states):
+    """T = 4099 (64 chunks and a 3-token tail), every gradient, against the fp64 chunked form;
+    every kernel runs (the two pairs of strategies between them)."""
     if strategy == "sequential" and dim > triton_backend.MAX_SEQUENTIAL_HEAD_DIM:
         pytest.skip("the sequential forward takes D <= 128")
     monkeypatch.setattr(triton_backend, "FORWARD", strategy)
+    monkeypatch.setattr(triton_backend, "STATES", states)
     inputs = make_inputs(2, 4099, 4, dim, dim, dtype, seed=dim)
     slopes = torch.tensor([0.0, 0.002, 0.05, 0.5], device=DEVICE)
     kwargs = dict(scale=1.0, use_state0=True)
