@@ -6,8 +6,9 @@ same process:
 
 * ``triton``  - our Triton kernels (``tnl_kernels`` backend "triton"; the forward strategy
   chosen per call),
-* ``triton_seq`` / ``triton_split`` - the same with the sequential or the chunk-parallel
-  forward forced (where they cross over is what tunes the automatic choice),
+* ``triton_seq`` / ``triton_split`` - the same with every sequence walked (sequential
+  forward, sequential state passes) or everything chunk-parallel (split forward, parallel
+  states) forced: where they cross over is what tunes the automatic choices,
 * ``torch``   - our chunked PyTorch path (backend "torch"),
 * ``sdpa``    - causal ``scaled_dot_product_attention`` on the flash backend,
 * ``fla``     - flash-linear-attention's ``chunk_simple_gla(g_gamma=-slopes, scale=1)`` when importable,
@@ -119,16 +120,17 @@ def lightning_call(backend):
     return lambda q, k, v, slopes: lightning_attn(q, k, v, slopes, backend=backend)[0]
 
 
-def triton_forced_call(strategy):
-    """The Triton kernels with one forward strategy forced ("sequential" or "split")."""
+def triton_forced_call(forward, states):
+    """The Triton kernels with the forward strategy and the per-chunk state strategy forced."""
     from tnl_kernels import triton_backend
 
     def call(q, k, v, slopes):
-        previous, triton_backend.FORWARD = triton_backend.FORWARD, strategy
+        previous = triton_backend.FORWARD, triton_backend.STATES
+        triton_backend.FORWARD, triton_backend.STATES = forward, states  # the backward keeps what the forward saw
         try:
             return lightning_attn(q, k, v, slopes, backend="triton")[0]
         finally:
-            triton_backend.FORWARD = previous
+            triton_backend.FORWARD, triton_backend.STATES = previous
 
     return call
 
@@ -161,8 +163,8 @@ def implementations(device):
     impls = {"torch": lightning_call("torch"), "sdpa": sdpa_call}
     if device == "cuda":
         impls["triton"] = lightning_call("triton")
-        impls["triton_seq"] = triton_forced_call("sequential")
-        impls["triton_split"] = triton_forced_call("split")
+        impls["triton_seq"] = triton_forced_call("sequential", "sequential")
+        impls["triton_split"] = triton_forced_call("split", "parallel")
         fla = fla_call()
         if fla is not None:
             impls["fla"] = fla

@@ -603,7 +603,7 @@ class ChunkLayout:
 # --------------------------------------------------------------------------- launch helpers
 
 
-def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, backwards=False, scale=1.0):
+def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, backwards=False, scale=1.0, strategy=None):
     """The state entering every chunk ``[n_chunks, H, D, E]`` and the fp32 state after each
     sequence ``[N, H, D, E]``, from ``initial_state``.
 
@@ -614,12 +614,13 @@ def _chunk_states(k, v, slopes, initial_state, layout: ChunkLayout, *, backwards
     forward states stored in the input dtype, the only dtype their consumers read; gradient states
     stay fp32) or "parallel" (``_chunk_kv_kernel`` forms every chunk's summary at once in fp32, then
     ``_state_scan_kernel`` walks only [D, E] additions; for when too few sequences x heads x tiles
-    would walk in sequence to fill the GPU).
+    would walk in sequence to fill the GPU). ``strategy`` overrides ``STATES`` (the backward passes
+    the value the forward saw).
     """
     heads, dim_k, dim_v = k.shape[2], k.shape[3], v.shape[3]
     final = _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, k.device)
     state_in = initial_state if initial_state is not None else final  # a placeholder when HAS_INITIAL is off
-    if _state_strategy(dim_k, dim_v, layout.n_seqs, heads, k.device) == "sequential":
+    if _state_strategy(dim_k, dim_v, layout.n_seqs, heads, k.device, strategy or STATES) == "sequential":
         block_d, block_e = _narrow_tile(dim_k), _narrow_tile(dim_v)
         n_tiles = triton.cdiv(dim_k, block_d) * triton.cdiv(dim_v, block_e)
         stored_dtype = torch.float32 if backwards or k.dtype == torch.float32 else k.dtype
@@ -683,11 +684,11 @@ def _forward_strategy(dim_k: int, dim_v: int, n_seqs: int, heads: int, dtype: to
     return "sequential" if _fills_gpu(programs, device) else "split"
 
 
-def _state_strategy(dim_k: int, dim_v: int, n_seqs: int, heads: int, device: torch.device) -> str:
-    """``STATES`` when forced, else "sequential" when the state pass's programs (sequence x head x
-    32x32 state tile) fill the GPU, "parallel" otherwise."""
-    if _checked_override("STATES", STATES, ("sequential", "parallel")) != "auto":
-        return STATES
+def _state_strategy(dim_k: int, dim_v: int, n_seqs: int, heads: int, device: torch.device, override: str) -> str:
+    """``override`` (``STATES``) when forced, else "sequential" when the state pass's programs
+    (sequence x head x 32x32 state tile) fill the GPU, "parallel" otherwise."""
+    if _checked_override("STATES", override, ("sequential", "parallel")) != "auto":
+        return override
     programs = n_seqs * heads * triton.cdiv(dim_k, _narrow_tile(dim_k)) * triton.cdiv(dim_v, _narrow_tile(dim_v))
     return "sequential" if _fills_gpu(programs, device) else "parallel"
 
@@ -724,7 +725,7 @@ def _forward(q, k, v, slopes, scale, initial_state, layout: ChunkLayout):
     return out, final
 
 
-def _backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout: ChunkLayout):
+def _backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout: ChunkLayout, states_strategy: str):
     """dq, dk, dv (in the inputs' dtypes) and d(initial state) (fp32 [N, H, D, E]) in three launches:
     the forward states again, the gradient states (reverse pass of sum_i lambda^{i+1} q_i^T G_i from
     d(final state)), then one kernel per chunk sharing both score tiles between the gradients."""
@@ -734,8 +735,9 @@ def _backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout: Chun
     dv = _new_output(v.shape, v.dtype, v.device)
     if layout.n_seqs == 0 or heads == 0:
         return dq, dk, dv, _new_output((layout.n_seqs, heads, dim_k, dim_v), torch.float32, q.device)
-    states, _ = _chunk_states(k, v, slopes, state0, layout)
-    grad_states, d_state0 = _chunk_states(q, grad_out, slopes, grad_final, layout, backwards=True, scale=scale)
+    states, _ = _chunk_states(k, v, slopes, state0, layout, strategy=states_strategy)
+    grad_states, d_state0 = _chunk_states(q, grad_out, slopes, grad_final, layout, backwards=True, scale=scale,
+                                          strategy=states_strategy)
     if layout.tables.n_chunks:
         _chunk_grad_kernel[(layout.tables.n_chunks, heads)](
             q, k, v, grad_out, dq, dk, dv, states, grad_states, slopes,
@@ -759,6 +761,7 @@ class LightningAttnTriton(torch.autograd.Function):
         out, final = _forward(q, k, v, slopes, scale, state0, layout)
         ctx.save_for_backward(q, k, v, slopes, state0)
         ctx.layout, ctx.scale = layout, scale
+        ctx.states_strategy = STATES  # as set when the graph was recorded
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         return out, final
 
@@ -767,7 +770,8 @@ class LightningAttnTriton(torch.autograd.Function):
         q, k, v, slopes, state0 = ctx.saved_tensors
         grad_out = torch.zeros_like(v) if grad_out is None else grad_out.to(q.dtype).contiguous()
         grad_final = None if grad_final is None else grad_final.float().contiguous()
-        dq, dk, dv, d_state0 = _backward(q, k, v, grad_out, slopes, ctx.scale, state0, grad_final, ctx.layout)
+        dq, dk, dv, d_state0 = _backward(q, k, v, grad_out, slopes, ctx.scale, state0, grad_final, ctx.layout,
+                                         ctx.states_strategy)
         if state0 is None or not ctx.needs_input_grad[5]:
             d_state0 = None
         else:

@@ -222,14 +222,26 @@ def test_each_state_strategy_matches_fp64_recurrence(monkeypatch, states, length
 
 
 def test_auto_state_strategy(monkeypatch):
-    monkeypatch.setattr(triton_backend, "STATES", "auto")
     monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 132)
     # 1 sequence x 8 heads x 16 state tiles of 32x32 = 128 walks: too few, every chunk at once instead
-    assert triton_backend._state_strategy(128, 128, 1, 8, CPU) == "parallel"
-    assert triton_backend._state_strategy(128, 128, 2, 8, CPU) == "sequential"
-    monkeypatch.setattr(triton_backend, "STATES", "scan")
+    assert triton_backend._state_strategy(128, 128, 1, 8, CPU, "auto") == "parallel"
+    assert triton_backend._state_strategy(128, 128, 2, 8, CPU, "auto") == "sequential"
+    assert triton_backend._state_strategy(128, 128, 2, 8, CPU, "parallel") == "parallel"
     with pytest.raises(ValueError, match="STATES must be"):
-        triton_backend._state_strategy(64, 64, 1, 1, CPU)
+        triton_backend._state_strategy(64, 64, 1, 1, CPU, "scan")
+
+
+def test_backward_keeps_the_state_strategy_of_its_forward(monkeypatch):
+    """STATES is read when the graph is recorded: changing it before backward() changes nothing."""
+    seen, original = [], triton_backend._state_strategy
+    monkeypatch.setattr(triton_backend, "_state_strategy", lambda *args: seen.append(args[-1]) or original(*args))
+    monkeypatch.setattr(triton_backend, "FORWARD", "sequential")
+    monkeypatch.setattr(triton_backend, "STATES", "parallel")
+    q, k, v = (torch.randn(1, 70, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out, _ = triton_backend.lightning_attn_triton(q, k, v, torch.tensor([0.0, 0.2], device=DEVICE))
+    monkeypatch.setattr(triton_backend, "STATES", "sequential")
+    out.sum().backward()
+    assert seen == ["parallel", "parallel"]  # the two state computations of the backward
 
 
 @pytest.mark.parametrize("strategy, states", [("sequential", "sequential"), ("split", "sequential"),
