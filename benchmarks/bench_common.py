@@ -67,8 +67,11 @@ def decode_steps(model, ids, context: int, cache, device, memory_steps: int, tim
 
 
 def _rss_bytes() -> int:
+    """Anonymous resident memory (resident minus file-backed pages): the pages of libtorch's
+    shared objects that become resident the first time a code path runs are not the model's."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * 4096
 
 
 @contextmanager

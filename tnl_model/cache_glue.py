@@ -13,7 +13,24 @@ key/value cache once per generated token; :func:`use_growing_kv_layers` swaps in
 """
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+
+
+def check_cache_type(cache) -> None:
+    """Only transformers' ``DynamicCache`` (and subclasses) is supported; say so before any work.
+
+    A ``StaticCache`` (``generate(cache_implementation="static")``) pads every softmax layer's keys
+    to ``max_cache_len`` and hands the model 4-D masks built for it; the lightning layers keep a
+    constant-size state anyway, and :class:`GrowingKeyValueLayer` already appends decode keys
+    without copies, so the dynamic cache is the one this model is built and tested for.
+    """
+    if cache is None or isinstance(cache, DynamicCache):
+        return
+    kind = type(cache).__name__
+    raise ValueError(
+        f"tnl-model supports transformers' DynamicCache only, got a {kind}: drop cache_implementation=... "
+        "from generate(), or pass DynamicCache(config=model.config)"
+    )
 
 
 def _linear_layer(cache: Cache, layer_idx: int):

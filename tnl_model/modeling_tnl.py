@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .cache_glue import add_seen_tokens, past_length, reserve_kv_capacity, use_growing_kv_layers
+from .cache_glue import add_seen_tokens, check_cache_type, past_length, reserve_kv_capacity, use_growing_kv_layers
 from .configuration_tnl import FULL, LINEAR, TNLConfig
 from .lightning_layer import TNLLightningAttention
 from .load_checks import StrictLoadingMixin
@@ -166,6 +166,7 @@ class TNLModel(TNLPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
+        check_cache_type(cache)
         use_growing_kv_layers(cache, self.config.layer_types)
         if cu_seqlens is not None and (batch != 1 or cache is not None):
             raise ValueError("cu_seqlens (packed documents) needs a batch of 1 and use_cache=False")
@@ -225,6 +226,11 @@ class TNLModel(TNLPreTrainedModel):
         """
         if attention_mask is None:
             return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(
+                f"attention_mask must be a 2-D [batch, past + new tokens] tensor of 1s and 0s, got a "
+                f"{type(attention_mask).__name__} (per-layer-type 4-D masks are built inside the model)"
+            )
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != past + length:
             raise ValueError(
                 f"attention_mask must be 2-D [batch, past + new tokens] = [{batch}, {past + length}], "

@@ -102,6 +102,17 @@ def test_attention_mask_of_the_wrong_shape(model, shape):
         model(random_ids(2, 6), attention_mask=torch.ones(shape, dtype=torch.long))
 
 
+def test_attention_mask_that_is_not_a_tensor(model):
+    with pytest.raises(ValueError, match="attention_mask must be a 2-D .* tensor of 1s and 0s, got a dict"):
+        model(random_ids(2, 6), attention_mask={"full_attention": torch.ones(2, 1, 6, 6)})
+
+
+def test_static_cache_is_refused_by_name(model):
+    # StaticCache would otherwise reach the model with per-layer-type 4-D masks and fail obscurely.
+    with pytest.raises(ValueError, match="supports transformers' DynamicCache only, got a StaticCache"):
+        model.generate(random_ids(1, 5), max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
 def test_prompt_longer_than_max_position_embeddings(model):
     with pytest.raises(ValueError, match="position 64 is beyond max_position_embeddings=64 of the softmax layers"):
         model(random_ids(1, 65))
