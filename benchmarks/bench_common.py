@@ -2,11 +2,13 @@
 
 Timings on CPU run under the "retain" allocator mode of ``tnl_model.cpu_allocator`` (the
 one the package's entry points use). Peak memory on CPU is measured in separate runs
-under its "strict" mode: the resident-set high-water mark above the level just before
-the measured call, sampled every millisecond from /proc (torch's CPU allocator has no
-counters). On CUDA it is ``torch.cuda.max_memory_allocated`` above the start.
+under its "strict" mode: the high-water mark of the bytes malloc has handed out (glibc's
+``mallinfo2``; torch's CPU allocator has no counters) above the level just before the
+measured call, sampled every millisecond. On CUDA it is ``torch.cuda.max_memory_allocated``
+above the start.
 """
 
+import ctypes
 import json
 import platform
 import statistics
@@ -25,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def fast_cpu_allocator() -> None:
     """Time under the allocator the package's entry points use on CPU (freed memory is reused, so
     large tensors pay no page faults: tnl_model.cpu_allocator). peak_memory() switches to the
-    strict mode for its block, so that resident memory follows live tensors while it measures."""
+    strict mode for its block (see peak_memory)."""
     configure_cpu_allocator("retain")
 
 
@@ -66,12 +68,35 @@ def decode_steps(model, ids, context: int, cache, device, memory_steps: int, tim
     return {"ms_per_token": 1e3 * statistics.median(per_token[skip:]), "peak_mb": mem["peak_mb"]}
 
 
-def _rss_bytes() -> int:
-    """Anonymous resident memory (resident minus file-backed pages): the pages of libtorch's
-    shared objects that become resident the first time a code path runs are not the model's."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def _cpu_bytes_in_use() -> int:
+    """Bytes the process's malloc has handed out and not freed (all arenas plus mmapped blocks):
+    live tensors and Python objects, whatever the heap's fragmentation. Resident memory would
+    also count freed heap pages touched again by small allocations, which added 50-90 MiB at
+    random to the same prefill. Without glibc: anonymous resident memory."""
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return info.uordblks + info.hblkhd
     with open("/proc/self/statm") as f:
         fields = f.read().split()
-    return (int(fields[1]) - int(fields[2])) * 4096
+    return (int(fields[1]) - int(fields[2])) * 4096  # resident minus file-backed pages
 
 
 @contextmanager
@@ -79,7 +104,9 @@ def peak_memory(device="cpu"):
     """Yields a dict whose ``"peak_mb"`` is filled with the peak growth during the block.
 
     On CPU the block runs under the strict allocator (every allocation above 64 KiB its own
-    mapping, returned when freed), which is slow: time other runs, not this one.
+    mapping, returned when freed: what the resident-memory fallback without glibc needs), which
+    is slow: time other runs, not this one. Run the measured call once before (warm-up): the first
+    call of a model also allocates what stays for later ones.
     """
     result = {}
     if torch.device(device).type == "cuda":
@@ -91,11 +118,11 @@ def peak_memory(device="cpu"):
         result["peak_mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
         return
     configure_cpu_allocator("strict")
-    start, peak, stop = _rss_bytes(), [0], threading.Event()
+    start, peak, stop = _cpu_bytes_in_use(), [0], threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], _cpu_bytes_in_use())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -105,7 +132,7 @@ def peak_memory(device="cpu"):
     finally:
         stop.set()
         sampler.join()
-        result["peak_mb"] = max(0, max(peak[0], _rss_bytes()) - start) / 2**20
+        result["peak_mb"] = max(0, max(peak[0], _cpu_bytes_in_use()) - start) / 2**20
         configure_cpu_allocator("retain")
 
 

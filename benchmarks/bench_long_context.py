@@ -115,6 +115,7 @@ def main(argv=None):
             contexts.append(context)
             context *= 4 if context >= 16384 else 2
         rows, kv_bytes = [], kv_bytes_per_token(config, torch.finfo(dtype).bits // 8)
+        measure(model, contexts[0], args.device)  # warm-up: first-call allocations and timings are not a context's
         for context in contexts:
             rows.append(measure(model, context, args.device))
             # What the prefill holds beyond the KV cache it hands over: flat when only the KV cache grows.

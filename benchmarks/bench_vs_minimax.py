@@ -92,10 +92,12 @@ def continuation_parity(models, device, prompt_len=256, cont_len=256) -> dict:
 def timed(fn, device, repeats, warmup):
     """(median seconds over ``repeats`` runs after ``warmup``, peak MB of one separate run).
 
-    The memory run comes first and is never timed: it runs under the strict allocator."""
+    The memory run comes last (after the warm-up, so first-call allocations are not counted) and
+    is never timed: it runs under the strict allocator."""
+    seconds = median_time(fn, repeats=repeats, warmup=warmup, device=device)
     with peak_memory(device) as mem:
         fn()
-    return median_time(fn, repeats=repeats, warmup=warmup, device=device), mem["peak_mb"]
+    return seconds, mem["peak_mb"]
 
 
 def repeats_for(tokens):
