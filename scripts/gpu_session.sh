@@ -14,8 +14,17 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl transformers==5.24.0 fla-core
 # then run it with carry [".whl"]:  bash scripts/gpu_session.sh   (timeout_s 600; about 9 minutes)
+# A session has 15 minutes of device time in all, start included, so a whole second run does not
+# fit: name steps to run only those again, e.g.  bash scripts/gpu_session.sh operator minimax
+# (steps: tests operator minimax long_context; default all four).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STEPS=${*:-tests operator minimax long_context}
+for name in $STEPS; do
+  case $name in tests | operator | minimax | long_context) ;;
+    *) echo "unknown step '$name': choose from tests operator minimax long_context" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-/tmp/tnl-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -38,18 +47,20 @@ LOG=$OUT/session.log
   python3 -c "import fla; print('fla', getattr(fla, '__version__', '?'))" 2>&1 | tail -1
 } 2>&1 | tee "$LOG"
 
-step() {  # step SECONDS COMMAND...
-  local seconds=$1
-  shift
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND if NAME is among the requested steps
+  local name=$1 seconds=$2
+  shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $* (limit ${seconds}s)" | tee -a "$LOG"
   timeout "$seconds" "$@" 2>&1 | tee -a "$LOG"
   echo "=== exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
-step 180 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_lightning.py \
+step tests 180 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_lightning.py \
   tests/kernels/test_moe_dispatch.py tests/kernels/test_reference.py
-step 170 python3 benchmarks/bench_lightning_attn.py --out "$OUT"
-step 120 python3 benchmarks/bench_vs_minimax.py --device cuda --dtype bfloat16 --out "$OUT"
-step 60 python3 benchmarks/bench_long_context.py --device cuda --dtype bfloat16 \
+step operator 170 python3 benchmarks/bench_lightning_attn.py --out "$OUT"
+step minimax 120 python3 benchmarks/bench_vs_minimax.py --device cuda --dtype bfloat16 --out "$OUT"
+step long_context 60 python3 benchmarks/bench_long_context.py --device cuda --dtype bfloat16 \
   --max-context 1048576 --max-hybrid-context 262144 --chunk 65536 --out "$OUT"
 ls -la "$OUT"
