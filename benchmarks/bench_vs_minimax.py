@@ -12,6 +12,9 @@ interleaved, taking medians:
 * the lightning operator alone: ``lightning_attn(backend="torch")`` vs a block loop of the
   same math with block 256 and autograd (the algorithm transformers and the original code use)
 * where the time goes per layer type (forward hooks), for both models
+* MoE dispatch alone: the grouped GEMM vs the loop over non-empty experts (same stacked
+  weights, same routing), inference and forward+backward, from one token (decode) up, with
+  the largest difference between the two outputs and what ``"auto"`` picks
 
     python benchmarks/bench_vs_minimax.py            # full CPU run, ~10 minutes on 2 cores
     python benchmarks/bench_vs_minimax.py --quick    # small sizes, a smoke run
@@ -38,13 +41,16 @@ from bench_common import (RESULTS, decode_steps, fast_cpu_allocator, median_time
 
 import tnl_model  # noqa: E402,F401
 from tnl_kernels import build_slopes, lightning_attn  # noqa: E402
+from tnl_kernels.moe_dispatch import choose_implementation, grouped_mm_supported, moe_dispatch  # noqa: E402
 from tnl_kernels.reference import lightning_attn_chunked  # noqa: E402
 from tnl_model.convert import from_minimax  # noqa: E402
 
 FULL = {"prefill": [512, 2048, 8192, 32768], "decode": [1024, 8192, 32768], "continuation": (2048, 2048),
-        "train": 2048, "operator": [8192, 32768]}
+        "train": 2048, "operator": [8192, 32768], "moe_tokens": [1, 16, 256, 2048, 8192]}
+# On a GPU the issue's training target is at T = 8K (on CPU a step at 8K takes minutes).
+GPU = {**FULL, "train": 8192}
 QUICK = {"prefill": [256, 1024], "decode": [256, 1024], "continuation": (256, 256), "train": 256,
-         "operator": [1024, 4096]}
+         "operator": [1024, 4096], "moe_tokens": [1, 64, 512]}
 
 
 def build_models(device, dtype, workdir: Path):
@@ -193,6 +199,41 @@ def bench_operator(device, dtype, lengths, heads=8, dim=64):
     return rows
 
 
+def bench_moe_dispatch(device, dtype, token_counts, experts=8, top_k=2, dim=512, inner=512):
+    """ms per call of ``moe_dispatch`` with each implementation, at the benchmark model's expert
+    shapes (8 experts top-2, D = I = 512): inference, and forward+backward into the inputs and
+    the stacked weights (training)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    gate_up, down = rand(experts, 2 * inner, dim, scale=dim ** -0.5), rand(experts, dim, inner, scale=inner ** -0.5)
+    rows = []
+    for tokens in token_counts:
+        hidden, grad = rand(tokens, dim), rand(tokens, dim)
+        topk_weight, topk_index = rand(tokens, experts).float().softmax(-1).topk(top_k, dim=-1)
+        row = {"tokens": tokens, "auto_inference": choose_implementation(hidden, gate_up, down)}
+        repeats, warmup = (5, 2) if tokens <= 256 else (3, 1)
+        outputs = {}
+        for impl in ("loop", "grouped_mm"):
+            if impl == "grouped_mm" and not grouped_mm_supported(hidden, gate_up, down):
+                row[impl] = None
+                continue
+            with torch.no_grad():
+                outputs[impl] = moe_dispatch(hidden, gate_up, down, topk_index, topk_weight, impl=impl).float()
+                fwd = median_time(lambda: moe_dispatch(hidden, gate_up, down, topk_index, topk_weight, impl=impl),
+                                  repeats, warmup, device)
+            leaves = [t.clone().requires_grad_() for t in (hidden, gate_up, down)]
+            both = median_time(lambda: moe_dispatch(*leaves, topk_index, topk_weight, impl=impl).backward(grad),
+                               repeats, warmup, device)
+            row[impl] = {"fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * both}
+        if len(outputs) == 2:
+            row["max_abs_difference"] = float((outputs["loop"] - outputs["grouped_mm"]).abs().max())
+        rows.append(row)
+    return rows
+
+
 LAYER_CLASSES = {
     "ours": {"TNLLightningAttention": "lightning", "TNLSoftmaxAttention": "softmax", "TNLSparseMoeBlock": "moe"},
     "theirs": {"MiniMaxLightningAttention": "lightning", "MiniMaxAttention": "softmax", "MiniMaxSparseMoeBlock": "moe"},
@@ -284,7 +325,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cpu":
         fast_cpu_allocator()
-    sizes = QUICK if args.quick else FULL
+    sizes = QUICK if args.quick else (FULL if args.device == "cpu" else GPU)
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -305,6 +346,7 @@ def main(argv=None):
     payload["decode"] = bench_decode(models, device, sizes["decode"])
     payload["train"] = bench_train(models, device, sizes["train"])
     payload["operator"] = bench_operator(device, dtype, sizes["operator"])
+    payload["moe_dispatch"] = bench_moe_dispatch(device, dtype, sizes["moe_tokens"])
     payload["time_split"] = prefill_split(models, device, sizes["prefill"][-2])
     payload["continuation_split"] = continuation_split(models, device, *sizes["continuation"])
     speedups = {f"prefill T={r['T']}": r["theirs"]["s"] / r["ours"]["s"] for r in payload["prefill"]}
@@ -336,6 +378,14 @@ def main(argv=None):
                 [[r["T"], r["ours"]["fwd_s"], r["block_loop"]["fwd_s"], r["ours"]["fwd_bwd_s"], r["block_loop"]["fwd_bwd_s"],
                   r["block_loop"]["fwd_bwd_s"] / r["ours"]["fwd_bwd_s"], r["ours"]["fwd_bwd_peak_mb"],
                   r["block_loop"]["fwd_bwd_peak_mb"]] for r in payload["operator"]])
+    def ms(row, impl, key):
+        return row[impl][key] if row[impl] else float("nan")
+
+    print_table("MoE dispatch, 8 experts top-2, D = I = 512 (ms per call)",
+                ["tokens", "loop fwd", "grouped fwd", "loop f+b", "grouped f+b", "auto (inference)", "max |diff|"],
+                [[r["tokens"], ms(r, "loop", "fwd_ms"), ms(r, "grouped_mm", "fwd_ms"), ms(r, "loop", "fwd_bwd_ms"),
+                  ms(r, "grouped_mm", "fwd_bwd_ms"), r["auto_inference"], r.get("max_abs_difference", float("nan"))]
+                 for r in payload["moe_dispatch"]])
     split = payload["time_split"]
     kinds = ["lightning", "softmax", "moe", "other", "total"]
     print_table(f"time split of one prefill at T={split['T']} (s)", ["model", *kinds],

@@ -4,8 +4,9 @@ Token-expert assignments are sorted by expert so each expert runs one dense
 matmul on a contiguous slice; nothing is dropped and no capacity factor exists.
 The expert matmuls run as one grouped GEMM (``torch.nn.functional.grouped_mm``)
 or as a loop over the non-empty experts; both give the same result. ``"auto"``
-picks per call (see :func:`choose_implementation`): grouped GEMM on CUDA and
-whenever autograd records, the loop for CPU inference.
+picks per call (see :func:`choose_implementation`): grouped GEMM on CUDA, whenever
+autograd records, and for CPU inference on up to ``CPU_GROUPED_MAX_TOKENS`` tokens;
+the loop for larger CPU inference calls (long prefill chunks).
 Expert weights are stacked (``gate_up [E, 2I, D]`` gate rows first, ``down
 [E, D, I]``) so grouped GEMM and expert parallelism can slice them.
 """
@@ -14,6 +15,8 @@ import torch
 from torch.nn import functional as F
 
 IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+# CPU inference calls up to this many tokens use the grouped GEMM, larger ones the loop.
+CPU_GROUPED_MAX_TOKENS = 1024
 
 
 def sort_by_expert(topk_index: torch.Tensor, num_experts: int):
@@ -82,12 +85,12 @@ def expert_ffn_grouped(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torc
 def choose_implementation(hidden, gate_up, down, impl: str = "auto") -> str:
     """``"grouped_mm"`` or ``"loop"`` for this call.
 
-    On the CPU without autograd the loop is used: PyTorch's CPU grouped_mm runs a matmul for
-    every expert, empty ones included, which costs a decode step (2 cores, 8 experts top-2,
-    D = I = 512, fp32, one token: 0.25 vs 0.22 ms per layer); from a few hundred tokens on the
-    two take the same time. With autograd the grouped GEMM wins by far at small and medium
-    sizes (its backward is one op, the loop's a graph per expert), and on CUDA it also avoids
-    the host sync on the counts.
+    Measured by ``benchmarks/bench_vs_minimax.py`` (2 cores, 8 experts top-2, D = I = 512,
+    fp32, inference): the grouped GEMM takes 0.38 / 1.27 / 4.97 ms at 1 / 16 / 256 tokens against
+    the loop's 0.43 / 1.60 / 5.89, the same at 2048 (29 ms) and 3% more at 8192, where the loop
+    also holds less (it writes each expert's rows in place). With autograd the grouped GEMM
+    wins at every size (its backward is one op, the loop's a graph per expert: 4.3 vs 8.1 ms at
+    1 token, 345 vs 401 ms at 8192), and on CUDA it also avoids the host sync on the counts.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
@@ -96,7 +99,8 @@ def choose_implementation(hidden, gate_up, down, impl: str = "auto") -> str:
         raise ValueError(f"grouped_mm does not support {hidden.dtype} on {hidden.device} with these expert sizes")
     if impl != "auto":
         return impl
-    prefer_grouped = hidden.device.type != "cpu" or _records_grad(hidden, gate_up, down)
+    prefer_grouped = (hidden.device.type != "cpu" or _records_grad(hidden, gate_up, down)
+                      or hidden.shape[0] <= CPU_GROUPED_MAX_TOKENS)
     return "grouped_mm" if supported and prefer_grouped else "loop"
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tnl_kernels.moe_dispatch import choose_implementation, grouped_mm_supported, moe_dispatch
+from tnl_kernels.moe_dispatch import CPU_GROUPED_MAX_TOKENS, choose_implementation, grouped_mm_supported, moe_dispatch
 
 
 def dense_reference(hidden, gate_up, down, topk_index, topk_weight):
@@ -62,13 +62,16 @@ def test_auto_falls_back_to_loop_for_unaligned_sizes():
         moe_dispatch(x, gate_up, down, index, weight, impl="grouped_mm")
 
 
-def test_auto_uses_the_loop_for_cpu_inference_and_grouped_mm_under_autograd():
+def test_auto_uses_the_loop_for_large_cpu_inference_and_grouped_mm_otherwise():
     x, gate_up, down, index, weight = make(16, 4, 32, 16, 2, torch.float32)
-    assert choose_implementation(x, gate_up, down) == "loop"  # nothing requires grad: nothing is recorded
+    large = torch.randn(CPU_GROUPED_MAX_TOKENS + 1, x.shape[1])
+    assert choose_implementation(x, gate_up, down) == "grouped_mm"  # small inference call
+    assert choose_implementation(large, gate_up, down) == "loop"  # nothing requires grad: nothing is recorded
     trainable = gate_up.clone().requires_grad_()
-    assert choose_implementation(x, trainable, down) == "grouped_mm"
+    assert choose_implementation(large, trainable, down) == "grouped_mm"
     with torch.no_grad():
-        assert choose_implementation(x, trainable, down) == "loop"
-        assert choose_implementation(x, trainable, down, impl="grouped_mm") == "grouped_mm"
+        assert choose_implementation(large, trainable, down) == "loop"
+        assert choose_implementation(large, trainable, down, impl="grouped_mm") == "grouped_mm"
+        assert choose_implementation(x, trainable, down, impl="loop") == "loop"
     with pytest.raises(ValueError, match="impl must be one of"):
         choose_implementation(x, gate_up, down, impl="scatter")
