@@ -80,6 +80,8 @@ class TNLSoftmaxAttention(nn.Module):
             out, weights = self._eager(q, k, v, build_attention_mask(key_mask, past, length, cu_seqlens, x.device), past, dropout)
         elif self._can_use_flash(q, key_mask):
             out = self._flash(q, k, v, cu_seqlens, dropout)
+        elif length == 1 and cu_seqlens is None and dropout == 0.0:
+            out = self._one_query(q, k, v, build_attention_mask(key_mask, past, length, cu_seqlens, x.device))
         elif past > 0 and length > 1 and key_mask is None and cu_seqlens is None and dropout == 0.0 and not q.is_cuda:
             out = self._after_cache_cpu(q, k, v, past)
         else:
@@ -112,6 +114,18 @@ class TNLSoftmaxAttention(nn.Module):
         else:
             out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.scaling, causal=True)
         return out.transpose(1, 2)
+
+    def _one_query(self, q, k, v, mask):
+        """One new token (decode) over the whole cache, its query heads stacked per key/value head.
+
+        A single query sees every cached key, so nothing is causal and the query heads sharing a
+        key/value head can be rows of one attention over that head's keys: the cache is read once
+        per key/value head and never repeated (SDPA's ``enable_gqa`` on the CPU took twice as long
+        at 256K cached tokens). ``mask`` ``[B, 1, 1, past+1]`` (padding only) broadcasts over them."""
+        batch, heads, _, dim = q.shape
+        grouped = q.reshape(batch, self.num_kv_heads, heads // self.num_kv_heads, dim)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scaling)
+        return out.reshape(batch, heads, 1, dim)
 
     def _after_cache_cpu(self, q, k, v, past):
         """Queries at positions ``past ..`` over the cached keys and their own, on the CPU.

@@ -85,6 +85,36 @@ def test_batched_left_padded_greedy_equals_each_prompt_alone():
         assert torch.equal(batched[row, width:], alone[0, len(prompt):]), f"prompt {row} diverged"
 
 
+@pytest.mark.parametrize("layout", ["layer0_linear", "layer0_softmax"])
+@torch.no_grad()
+def test_left_padded_decode_logits_equal_each_prompt_alone(layout):
+    """Logits, not only greedy tokens: a pad key leaking into a softmax layer's decode step shifts
+    every logit a little and the argmax rarely (the greedy test above missed it)."""
+    model = build(tiny_config(layer_types=LAYOUTS[layout]))
+    lengths, steps = (5, 13, 9), 6
+    prompts = [_ids(1, n, seed=n) for n in lengths]
+    follow = _ids(len(lengths), steps, seed=99)  # the same next tokens for the batch and each prompt alone
+    width = max(lengths)
+    batch = torch.full((len(lengths), width), model.config.pad_token_id)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - prompt.shape[1]:] = prompt[0]
+        mask[row, width - prompt.shape[1]:] = 1
+    out = model(batch, attention_mask=mask, use_cache=True)
+    cache, batched = out.cache, [out.logits[:, -1]]
+    for t in range(steps):
+        mask = torch.cat([mask, torch.ones(len(lengths), 1, dtype=torch.long)], dim=1)
+        out = model(follow[:, t : t + 1], attention_mask=mask, cache=cache, use_cache=True)
+        batched.append(out.logits[:, -1])
+    for row, prompt in enumerate(prompts):
+        out = model(prompt, use_cache=True)
+        cache, alone = out.cache, [out.logits[:, -1]]
+        for t in range(steps):
+            out = model(follow[row : row + 1, t : t + 1], cache=cache, use_cache=True)
+            alone.append(out.logits[:, -1])
+        torch.testing.assert_close(torch.stack([b[row] for b in batched]), torch.cat(alone), atol=ATOL, rtol=0)
+
+
 @torch.no_grad()
 def test_left_padding_leaves_logits_of_real_tokens_unchanged():
     model = build(tiny_config())
