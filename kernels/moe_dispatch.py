@@ -15,6 +15,10 @@ import torch
 from torch.nn import functional as F
 
 IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+# The public op, or on older PyTorch (before ``F.grouped_mm`` existed) the private one it wraps,
+# which those versions implement on CUDA only.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_CUDA_ONLY = not hasattr(F, "grouped_mm")
 # CPU inference calls up to this many tokens use the grouped GEMM, larger ones the loop.
 CPU_GROUPED_MAX_TOKENS = 1024
 
@@ -63,7 +67,9 @@ def expert_ffn_loop(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.T
 
 def grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """grouped_mm needs matching dtypes it implements and rows aligned to 16 bytes."""
-    if not hasattr(F, "grouped_mm") or not (x.dtype == gate_up.dtype == down.dtype):
+    if _GROUPED_MM is None or not (x.dtype == gate_up.dtype == down.dtype):
+        return False
+    if x.device.type == "cpu" and _GROUPED_MM_CUDA_ONLY:
         return False
     if x.device.type == "cpu":
         dtype_ok = x.dtype in (torch.float32, torch.bfloat16)
@@ -77,9 +83,9 @@ def grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Ten
 def expert_ffn_grouped(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """All experts in two grouped GEMMs over the expert-sorted tokens (no host sync on counts)."""
     offsets = counts.cumsum(0).to(torch.int32)
-    gate, up = F.grouped_mm(x_sorted, gate_up.transpose(-1, -2), offs=offsets).chunk(2, dim=-1)
+    gate, up = _GROUPED_MM(x_sorted, gate_up.transpose(-1, -2), offs=offsets).chunk(2, dim=-1)
     hidden = (F.silu(gate) * up).contiguous()
-    return F.grouped_mm(hidden, down.transpose(-1, -2), offs=offsets)
+    return _GROUPED_MM(hidden, down.transpose(-1, -2), offs=offsets)
 
 
 def choose_implementation(hidden, gate_up, down, impl: str = "auto") -> str:

@@ -1,11 +1,16 @@
 """Dropless MoE dispatch: grouped GEMM == loop over experts == a dense per-token reference,
 forward and backward, including experts that receive no tokens."""
 
+import importlib
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from tnl_kernels.moe_dispatch import CPU_GROUPED_MAX_TOKENS, choose_implementation, grouped_mm_supported, moe_dispatch
+
+# The module itself, for monkeypatching (the package re-exports a function of the same name).
+moe_dispatch_module = importlib.import_module("tnl_kernels.moe_dispatch")
 
 
 def dense_reference(hidden, gate_up, down, topk_index, topk_weight):
@@ -45,6 +50,21 @@ def test_grouped_mm_equals_loop_forward_and_backward(dtype, atol):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=atol)
     unused_gate_up_grad = results[0][2][-1]
     assert torch.count_nonzero(unused_gate_up_grad) == 0  # an expert with no tokens still gets a (zero) gradient
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this PyTorch has no torch._grouped_mm")
+def test_private_grouped_mm_fallback_for_older_pytorch(monkeypatch):
+    """PyTorch versions without F.grouped_mm (the GPU machine's 2.11 may be one) have torch._grouped_mm,
+    CUDA-only there: it is called the same way, and CPU calls then take the loop."""
+    x, gate_up, down, index, weight = make(37, 5, 32, 16, 2, torch.float32)
+    expected = moe_dispatch(x, gate_up, down, index, weight, impl="loop")
+    monkeypatch.setattr(moe_dispatch_module, "_GROUPED_MM", torch._grouped_mm)
+    monkeypatch.setattr(moe_dispatch_module, "_GROUPED_MM_CUDA_ONLY", False)  # as if on CUDA
+    torch.testing.assert_close(moe_dispatch(x, gate_up, down, index, weight, impl="grouped_mm"), expected,
+                               atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(moe_dispatch_module, "_GROUPED_MM_CUDA_ONLY", True)
+    assert not grouped_mm_supported(x, gate_up, down)
+    assert choose_implementation(x, gate_up.clone().requires_grad_(), down) == "loop"
 
 
 def test_dispatch_matches_dense_per_token_reference():
