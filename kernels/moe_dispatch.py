@@ -92,9 +92,10 @@ def choose_implementation(hidden, gate_up, down, impl: str = "auto") -> str:
     """``"grouped_mm"`` or ``"loop"`` for this call.
 
     Measured by ``benchmarks/bench_vs_minimax.py`` (2 cores, 8 experts top-2, D = I = 512,
-    fp32, inference): the grouped GEMM takes 0.38 / 1.27 / 4.97 ms at 1 / 16 / 256 tokens against
-    the loop's 0.43 / 1.60 / 5.89, the same at 2048 (29 ms) and 3% more at 8192, where the loop
-    also holds less (it writes each expert's rows in place). With autograd the grouped GEMM
+    fp32, inference, two runs): the grouped GEMM takes 13-20% less time at 16 and 256 tokens
+    (1.07-1.27 vs 1.17-1.60 ms at 16), ties with the loop at 1 token (0.35-0.43 ms either way,
+    within the noise) and at 2048, and takes 3-5% more at 8192, where the loop also holds less
+    (it writes each expert's rows in place). With autograd the grouped GEMM
     wins at every size (its backward is one op, the loop's a graph per expert: 4.3 vs 8.1 ms at
     1 token, 345 vs 401 ms at 8192), and on CUDA it also avoids the host sync on the counts.
     """
