@@ -21,6 +21,20 @@ def _triton_module():
     return triton_backend
 
 
+# The Triton launches build their chunk tables on the host and the decode kernel writes its state
+# in place; under torch.compile both run as one opaque eager call (a graph break) rather than
+# being traced, so compiled models get exactly the kernels that are tested.
+@torch.compiler.disable
+def _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens):
+    return _triton_module().lightning_attn_triton(q, k, v, slopes, scale=scale, initial_state=initial_state,
+                                                  cu_seqlens=cu_seqlens)
+
+
+@torch.compiler.disable
+def _triton_decode(q, k, v, slopes, state, scale):
+    return _triton_module().lightning_attn_decode_triton(q, k, v, slopes, state, scale=scale)
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -79,9 +93,7 @@ def lightning_attn(
         block_size = default_block_size(q.shape[-1])
     slopes = slopes.to(device=q.device, dtype=torch.float32)
     if backend == "triton":
-        out, final_state = _triton_module().lightning_attn_triton(
-            q, k, v, slopes, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens
-        )
+        out, final_state = _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens)
     else:
         out, final_state = ChunkedLightningAttn.apply(q, k, v, slopes, scale, initial_state, cu_seqlens, block_size)
     return out, (final_state if output_final_state else None)
@@ -102,7 +114,7 @@ def lightning_attn_decode(q, k, v, slopes, state, *, scale=1.0, backend="auto"):
     backend = _resolve_backend(backend, q.device)
     slopes = slopes.to(device=q.device, dtype=torch.float32)
     if backend == "triton":
-        return _triton_module().lightning_attn_decode_triton(q, k, v, slopes, state, scale=scale)
+        return _triton_decode(q, k, v, slopes, state, scale)
     batch, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     if not state.is_contiguous():

@@ -42,6 +42,15 @@ class _BlockDecays:
         self.block = torch.exp(-rates * length)  # lambda^{c}
 
 
+def _write_into(destination, op, *args):
+    """``op(*args, out=destination)``: no temporary in eager mode. torch.compile refuses ``out=`` into
+    a strided view, so a compiled graph computes the result and copies it (and fuses the two)."""
+    if torch.compiler.is_compiling():
+        destination.copy_(op(*args))
+    else:
+        op(*args, out=destination)
+
+
 def _scan(block_sums, state, block_decay, reverse: bool = False):
     """States entering each block of ``state <- block_decay * state + block_sums[n]`` (in reverse
     order when ``reverse``), written straight into one buffer; returns ``(entering, final)``."""
@@ -53,7 +62,8 @@ def _scan(block_sums, state, block_decay, reverse: bool = False):
         if previous is None:
             entering[:, :, n] = state
         else:
-            torch.addcmul(block_sums[:, :, previous], entering[:, :, previous], block_decay, out=entering[:, :, n])
+            _write_into(entering[:, :, n], torch.addcmul, block_sums[:, :, previous], entering[:, :, previous],
+                        block_decay)
         previous = n
     final = torch.addcmul(block_sums[:, :, previous], entering[:, :, previous], block_decay)
     return entering, final
@@ -221,7 +231,7 @@ class ChunkedLightningAttn(torch.autograd.Function):
                 state = initial_state[states].float()
             piece, final = chunked_forward(_heads_first(q, rows, start, stop), _heads_first(k, rows, start, stop),
                                            _heads_first(v, rows, start, stop), rates, state, block_size)
-            torch.mul(piece, scale, out=out[rows, start:stop].transpose(1, 2))
+            _write_into(out[rows, start:stop].transpose(1, 2), torch.mul, piece, scale)
             finals.append(final)
         final_state = torch.cat(finals, dim=0) if len(finals) > 1 else finals[0]
         ctx.save_for_backward(q, k, v, rates, initial_state, cu_seqlens)

@@ -27,7 +27,9 @@ def sort_by_expert(topk_index: torch.Tensor, num_experts: int):
     """Order of the flattened (token, k) assignments grouped by expert, and tokens per expert."""
     flat = topk_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # A scatter-add rather than bincount: its output shape does not depend on the data, so
+    # torch.compile keeps it in the graph.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     return order, counts
 
 
@@ -88,6 +90,11 @@ def expert_ffn_grouped(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torc
     return _GROUPED_MM(hidden, down.transpose(-1, -2), offs=offsets)
 
 
+# torch.compile traces grouped_mm with its meta function, which accepts bf16 only, although the
+# CPU kernel also computes fp32: other dtypes run the same grouped GEMM outside the graph.
+_expert_ffn_grouped_eager = torch.compiler.disable(expert_ffn_grouped)
+
+
 def choose_implementation(hidden, gate_up, down, impl: str = "auto") -> str:
     """``"grouped_mm"`` or ``"loop"`` for this call.
 
@@ -123,7 +130,8 @@ def moe_dispatch(hidden, gate_up, down, topk_index, topk_weight, impl: str = "au
     token_of_row = order // top_k
     x_sorted = hidden[token_of_row]
     if use_grouped:
-        y_sorted = expert_ffn_grouped(x_sorted, gate_up, down, counts)
+        traceable = not torch.compiler.is_compiling() or x_sorted.dtype == torch.bfloat16
+        y_sorted = (expert_ffn_grouped if traceable else _expert_ffn_grouped_eager)(x_sorted, gate_up, down, counts)
     else:
         y_sorted = expert_ffn_loop(x_sorted, gate_up, down, counts.tolist())
     weights = topk_weight.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
