@@ -2,6 +2,7 @@
 # Everything to run when a session is lent a GPU, as one call of the device tool, in priority
 # order so that a call cut short still brings back the most important part:
 #   1. the Triton kernel tests at real sizes, bf16 included (tests/kernels, GPU-only cases run);
+#      torch.compile of the bf16 model on CUDA (tests/model/test_torch_compile.py);
 #   2. benchmarks/bench_lightning_attn.py (operator: triton auto / sequential / split forward,
 #      torch, SDPA, fla; roofline);
 #   3. benchmarks/bench_vs_minimax.py in bf16 on CUDA;
@@ -58,7 +59,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND if NAME is among the reque
 }
 
 step tests 180 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_lightning.py \
-  tests/kernels/test_moe_dispatch.py tests/kernels/test_reference.py
+  tests/kernels/test_moe_dispatch.py tests/kernels/test_reference.py tests/model/test_torch_compile.py
 step operator 170 python3 benchmarks/bench_lightning_attn.py --out "$OUT"
 step minimax 120 python3 benchmarks/bench_vs_minimax.py --device cuda --dtype bfloat16 --out "$OUT"
 step long_context 60 python3 benchmarks/bench_long_context.py --device cuda --dtype bfloat16 \
