@@ -37,15 +37,17 @@ class TNLLightningAttention(nn.Module):
         self.sigmoid_gate = config.linear_attn_gate == "sigmoid"
         self.activate_values = config.linear_attn_activation_on == "qkv"
         self.num_layers = config.num_hidden_layers
-        # Decay rates are a pure function of the config: built lazily in fp32 per device, never in
-        # the state dict, and out of reach of `nn.Module.to()` so bf16 models keep exact fp32 decays
-        # (a buffer would also be left on the meta device by meta-device instantiation).
-        self._slopes_by_device: dict[torch.device, torch.Tensor] = {}
+        # Decay rates are a pure function of the config: fp32, never in the state dict, and out of
+        # reach of `nn.Module.to()` so bf16 models keep exact fp32 decays (a buffer would also be
+        # left on the meta device by meta-device instantiation). A plain tensor attribute, moved to
+        # the input's device on first use: torch.compile then shares one compiled layer between
+        # all layers instead of specialising (and recompiling) on each layer's index.
+        self._slopes = build_slopes(self.num_heads, layer_idx, self.num_layers, device="cpu")
 
     def slopes(self, device: torch.device) -> torch.Tensor:
-        if device not in self._slopes_by_device:
-            self._slopes_by_device[device] = build_slopes(self.num_heads, self.layer_idx, self.num_layers, device=device)
-        return self._slopes_by_device[device]
+        if self._slopes.device != device:
+            self._slopes = self._slopes.to(device)
+        return self._slopes
 
     def _project_qkv(self, x: torch.Tensor, token_mask: torch.Tensor | None):
         batch, length, _ = x.shape

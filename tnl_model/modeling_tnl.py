@@ -109,8 +109,10 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: give at least one token (e.g. the BOS token) to run the model")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
+    # One boolean crosses to the host: under torch.compile the graph breaks here without
+    # specialising (and recompiling) on the batch's smallest and largest ids.
+    if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        low, high = int(input_ids.min()), int(input_ids.max())
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size}) of this model; "
                          "check that the tokenizer matches the model")
@@ -244,7 +246,7 @@ class TNLModel(TNLPreTrainedModel):
 
     def _check_positions(self, position_ids):
         limit = self.config.max_position_embeddings
-        if int(position_ids.max()) >= limit:
+        if bool((position_ids >= limit).any()):  # a boolean, not the max: no recompile per length
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of the softmax layers; "
                 "shorten the input or raise max_position_embeddings in the config"

@@ -117,6 +117,11 @@ class RunConfig:
     #: _init_weights) so no rank ever holds the full model; False builds it whole first
     zero3_init: bool = True
     activation_checkpointing: bool = False
+    #: torch.compile the model in place through DeepSpeed's ``engine.compile`` (parameter names,
+    #: checkpoints and exports are unchanged); the first steps pay for the compilation
+    compile: bool = False
+    #: a torch.compile backend: "inductor" (generated kernels) or e.g. "aot_eager" (traced, no codegen)
+    compile_backend: str = "inductor"
     checkpoint_interval: int = 100
     keep_checkpoints: int = 2
     eval_interval: int = 100
@@ -184,6 +189,13 @@ class RunConfig:
         if self.data.corpus is None and not self.data.text_files:
             raise ConfigError("data.text_files is empty: list text/JSONL files (or globs), "
                               "or set data.corpus=shakespeare for the demo corpus")
+        if self.compile:
+            from torch._dynamo import list_backends
+
+            known = list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                raise ConfigError(f"compile_backend must be a torch.compile backend ({', '.join(known)}), "
+                                  f"got {self.compile_backend!r}")
         if self.cpu_offload and self.zero_stage == 0:
             raise ConfigError("cpu_offload needs zero_stage >= 1")
         return self

@@ -255,7 +255,7 @@ def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, worl
             ids.append(val_rows.row(i if i < n else 0))
             weights.append(1.0 if i < n else 0.0)
         x = torch.from_numpy(np.stack(ids)).to(device)
-        out = engine(input_ids=x, output_router_logits=False)
+        out = engine(input_ids=x, output_router_logits=False, use_cache=False)
         logits = out.logits[:, :-1].float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         row_loss = ce.view(x.shape[0], -1).mean(dim=1).double()
@@ -355,6 +355,9 @@ def train(cfg: RunConfig, config_file=None) -> dict:
         model=model, optimizer=optimizer, model_parameters=groups if cfg.cpu_offload else None,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule), config=ds_config,
         dist_init_required=False)
+    if cfg.compile:
+        engine.compile(backend=cfg.compile_backend)
+        log(f"model compiled with torch.compile (backend {cfg.compile_backend}); the first steps include compilation")
 
     step, cursor, tokens, skipped_before = 0, 0, 0, 0
     if resume_from is not None:
@@ -410,7 +413,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
             sums = torch.zeros(4, dtype=torch.float64)
             for m in range(accum):
                 x = torch.from_numpy(train_rows.batch(cursor, m, rank, world, cfg.micro_batch_size)).to(device)
-                out = engine(input_ids=x, labels=x, output_router_logits=True)
+                out = engine(input_ids=x, labels=x, output_router_logits=True, use_cache=False)  # no KV copies
                 loss = guard.checked_loss(out.loss, step + 1)
                 engine.backward(loss)
                 if m == accum - 1:

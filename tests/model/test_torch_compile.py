@@ -57,6 +57,21 @@ def test_compiled_inference_with_padding_equals_eager():
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
+def test_layers_of_one_kind_share_one_compiled_frame():
+    """Nothing per layer (its index, its decay rates) and nothing per batch (its token ids) may be
+    specialised on: a deep model would otherwise recompile per layer and, past dynamo's recompile
+    limit, silently run the remaining layers eagerly."""
+    layer_types = ["linear_attention"] * 4 + ["full_attention"] + ["linear_attention"] * 4
+    model = build_model(tiny_config(num_hidden_layers=9, layer_types=layer_types, mlp_layer_types=["sparse"] * 9))
+    compiled = torch.compile(model.train(), backend=BACKEND)
+    # Two kinds of decoder layer (lightning or softmax attention, each with MoE): two entries per frame.
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for seed in range(3):
+            ids = random_ids(2, 40, seed=seed, low=10)
+            ids[0, :2] = torch.tensor([3 + seed, 90 + seed])  # each batch: a different smallest and largest id
+            compiled(ids, labels=ids, use_cache=False).loss.backward()
+
+
 def _graph_breaks(fn, *args):
     return torch._dynamo.explain(fn)(*args).graph_break_count
 

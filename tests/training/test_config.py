@@ -51,10 +51,11 @@ def test_unknown_key_is_named_with_suggestion(tmp_path):
     ("max_consecutive_nonfinite=0", "max_consecutive_nonfinite must be a positive integer"),
     ("optimizer.schedule=linear", "optimizer.schedule must be"),
     ("noequals", "not of the form key=value"),
+    ("compile=true compile_backend=inductr", "compile_backend must be a torch.compile backend .*inductor"),
 ])
 def test_wrong_values_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["data.text_files=[x]", override])
+        load_config(None, ["data.text_files=[x]", *override.split()])
 
 
 def test_cli_flags_and_local_rank():
