@@ -21,15 +21,20 @@ def _triton_module():
     return triton_backend
 
 
-# The Triton launches build their chunk tables on the host and the decode kernel writes its state
-# in place; under torch.compile both run as one opaque eager call (a graph break) rather than
-# being traced, so compiled models get exactly the kernels that are tested.
-@torch.compiler.disable
 def _triton_forward(q, k, v, slopes, scale, initial_state, cu_seqlens):
+    if torch.compiler.is_compiling():
+        # The eager autograd.Function builds chunk tables on the host and cannot be traced; the
+        # same launches wrapped as custom operators keep a compiled layer in one graph.
+        from .triton_ops import lightning_attn_compilable
+
+        return lightning_attn_compilable(q, k, v, slopes, scale=scale, initial_state=initial_state,
+                                         cu_seqlens=cu_seqlens)
     return _triton_module().lightning_attn_triton(q, k, v, slopes, scale=scale, initial_state=initial_state,
                                                   cu_seqlens=cu_seqlens)
 
 
+# The decode kernel writes its state in place: under torch.compile it runs as one eager call (a
+# graph break), so compiled models get exactly the tested launch.
 @torch.compiler.disable
 def _triton_decode(q, k, v, slopes, state, scale):
     return _triton_module().lightning_attn_decode_triton(q, k, v, slopes, state, scale=scale)

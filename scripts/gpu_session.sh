@@ -2,7 +2,7 @@
 # Everything to run when a session is lent a GPU, as one call of the device tool, in priority
 # order so that a call cut short still brings back the most important part:
 #   1. the Triton kernel tests at real sizes, bf16 included (tests/kernels, GPU-only cases run);
-#      torch.compile of the bf16 model on CUDA (tests/model/test_torch_compile.py);
+#      torch.compile on CUDA: Triton custom operators, the bf16 model (tests/model/test_torch_compile.py);
 #   2. benchmarks/bench_lightning_attn.py (operator: triton auto / sequential / split forward,
 #      torch, SDPA, fla; roofline);
 #   3. benchmarks/bench_vs_minimax.py in bf16 on CUDA;

@@ -113,26 +113,56 @@ def test_bf16_moe_dispatch_traces_in_one_graph():
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-def test_compiled_triton_operator_runs_the_kernels_eagerly():
-    """The Triton path is opaque to the compiler (one eager call); on CPU under the interpreter."""
-    pytest.importorskip("triton")
+def _triton_inputs(lengths=(70,), heads=2, dim=16, seed=0):
+    """q, k, v, initial state (all requiring grad), slopes and cu_seqlens (None for one sequence)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(1, 70, 2, 16, generator=generator).to(device).requires_grad_() for _ in range(2))
-    v = torch.randn(1, 70, 2, 16, generator=generator).to(device).requires_grad_()
-    slopes = build_slopes(2, layer_idx=0, num_layers=2).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
 
-    def run(q, k, v):
-        out, state = lightning_attn(q, k, v, slopes, output_final_state=True, backend="triton")
-        return (out * out).sum() + state.sum()
+    def leaf(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.5).to(device).requires_grad_()
 
-    expected = run(q, k, v)
-    expected_grads = torch.autograd.grad(expected, (q, k, v))
-    got = torch.compile(run, backend=BACKEND)(q, k, v)
-    got_grads = torch.autograd.grad(got, (q, k, v))
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    q, k, v = leaf(1, total, heads, dim), leaf(1, total, heads, dim), leaf(1, total, heads, dim)
+    state = leaf(len(lengths), heads, dim, dim)
+    cu_seqlens = None
+    if len(lengths) > 1:
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, state, build_slopes(heads, layer_idx=0, num_layers=2).to(device), cu_seqlens
+
+
+@pytest.mark.parametrize("lengths", [(70,), (33, 1, 64)], ids=["one_sequence", "varlen"])
+def test_compiled_triton_operator_equals_eager(lengths):
+    """Under torch.compile the Triton path is two custom operators (forward, backward): same launches,
+    same bits, and no graph break for one sequence (varlen checks cu_seqlens on the host first)."""
+    pytest.importorskip("triton")
+    q, k, v, state, slopes, cu_seqlens = _triton_inputs(lengths)
+    weights = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(5)).to(q.device)
+
+    def run(q, k, v, state):
+        out, final = lightning_attn(q, k, v, slopes, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens,
+                                    backend="triton")
+        return (out * weights).sum() + (final * final).sum()
+
+    if cu_seqlens is None:
+        assert _graph_breaks(run, q, k, v, state) == 0
+        torch._dynamo.reset()
+    expected = run(q, k, v, state)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, state))
+    got = torch.compile(run, backend=BACKEND)(q, k, v, state)
+    got_grads = torch.autograd.grad(got, (q, k, v, state))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
     for a, b in zip(got_grads, expected_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_triton_custom_operators_pass_opcheck():
+    """Schema, fake (shape-only) implementation and autograd registration, as PyTorch checks them."""
+    pytest.importorskip("triton")
+    from tnl_kernels.triton_ops import lightning_fwd
+
+    for lengths in [(40,), (17, 40)]:
+        q, k, v, state, slopes, cu_seqlens = _triton_inputs(lengths, seed=len(lengths))
+        torch.library.opcheck(lightning_fwd, (q, k, v, slopes, 1.0, state, cu_seqlens, 64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the Triton kernels and the bf16 grouped GEMM on CUDA")
