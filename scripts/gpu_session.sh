@@ -2,11 +2,12 @@
 # Everything to run when a session is lent a GPU, as one call of the device tool, in priority
 # order so that a call cut short still brings back the most important part:
 #   1. the Triton kernel tests at real sizes, bf16 included (tests/kernels, GPU-only cases run);
-#      torch.compile on CUDA: Triton custom operators, the bf16 model (tests/model/test_torch_compile.py);
 #   2. benchmarks/bench_lightning_attn.py (operator: triton auto / sequential / split forward,
 #      torch, SDPA, fla; roofline);
 #   3. benchmarks/bench_vs_minimax.py in bf16 on CUDA;
-#   4. benchmarks/bench_long_context.py in bf16 on CUDA.
+#   4. benchmarks/bench_long_context.py in bf16 on CUDA;
+#   5. torch.compile on CUDA: the Triton custom operators and the bf16 model
+#      (the GPU cases of tests/model/test_torch_compile.py).
 # One log ($OUT/session.log) plus each benchmark's JSON and PNG land in $OUT (the device tool
 # brings back at most 8 files).
 #
@@ -17,13 +18,13 @@
 # then run it with carry [".whl"]:  bash scripts/gpu_session.sh   (timeout_s 600; about 9 minutes)
 # A session has 15 minutes of device time in all, start included, so a whole second run does not
 # fit: name steps to run only those again, e.g.  bash scripts/gpu_session.sh operator minimax
-# (steps: tests operator minimax long_context; default all four).
+# (steps: tests operator minimax long_context compile; default all five).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${*:-tests operator minimax long_context}
+STEPS=${*:-tests operator minimax long_context compile}
 for name in $STEPS; do
-  case $name in tests | operator | minimax | long_context) ;;
-    *) echo "unknown step '$name': choose from tests operator minimax long_context" >&2; exit 2 ;;
+  case $name in tests | operator | minimax | long_context | compile) ;;
+    *) echo "unknown step '$name': choose from tests operator minimax long_context compile" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-/tmp/tnl-gpu-out}
@@ -59,9 +60,10 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND if NAME is among the reque
 }
 
 step tests 180 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_lightning.py \
-  tests/kernels/test_moe_dispatch.py tests/kernels/test_reference.py tests/model/test_torch_compile.py
+  tests/kernels/test_moe_dispatch.py tests/kernels/test_reference.py
 step operator 170 python3 benchmarks/bench_lightning_attn.py --out "$OUT"
 step minimax 120 python3 benchmarks/bench_vs_minimax.py --device cuda --dtype bfloat16 --out "$OUT"
 step long_context 60 python3 benchmarks/bench_long_context.py --device cuda --dtype bfloat16 \
   --max-context 1048576 --max-hybrid-context 262144 --chunk 65536 --out "$OUT"
+step compile 60 python3 -m pytest -q -p no:cacheprovider tests/model/test_torch_compile.py -k "triton or gpu"
 ls -la "$OUT"
