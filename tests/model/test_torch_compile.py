@@ -158,11 +158,15 @@ def test_compiled_triton_operator_equals_eager(lengths):
 def test_triton_custom_operators_pass_opcheck():
     """Schema, fake (shape-only) implementation and autograd registration, as PyTorch checks them."""
     pytest.importorskip("triton")
-    from tnl_kernels.triton_ops import lightning_fwd
+    from tnl_kernels.triton_ops import lightning_bwd, lightning_fwd
 
     for lengths in [(40,), (17, 40)]:
         q, k, v, state, slopes, cu_seqlens = _triton_inputs(lengths, seed=len(lengths))
         torch.library.opcheck(lightning_fwd, (q, k, v, slopes, 1.0, state, cu_seqlens, 64))
+        grad_out, grad_final = torch.randn_like(v).detach(), torch.randn_like(state).detach()
+        inputs = [x.detach() for x in (q, k, v)]
+        torch.library.opcheck(lightning_bwd, (*inputs, grad_out, slopes, 1.0, state.detach(), grad_final, cu_seqlens,
+                                              64, "auto"), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the Triton kernels and the bf16 grouped GEMM on CUDA")
