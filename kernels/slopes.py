@@ -34,7 +34,7 @@ def build_slopes(num_heads: int, layer_idx: int = 0, num_layers: int = 1, device
     if not 0 <= layer_idx < max(num_layers, 1):
         raise ValueError(f"layer_idx {layer_idx} out of range for {num_layers} layers")
     depth_factor = 1.0 + 1e-5 if num_layers <= 1 else 1.0 - layer_idx / (num_layers - 1) + 1e-5
-    # Built on the CPU whatever the default device (a model instantiated under torch.device("meta")
-    # still gets real rates).
-    base = torch.tensor(alibi_base_slopes(num_heads), dtype=torch.float64, device="cpu")
-    return (base * depth_factor).to(torch.float32).to(device)
+    # Products in Python (float64), rounded once to fp32. Made on the CPU unless a device is given,
+    # whatever the default device: a model instantiated under torch.device("meta") gets real rates.
+    rates = [base * depth_factor for base in alibi_base_slopes(num_heads)]
+    return torch.tensor(rates, dtype=torch.float32, device="cpu" if device is None else device)

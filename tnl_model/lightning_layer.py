@@ -45,8 +45,10 @@ class TNLLightningAttention(nn.Module):
         self._slopes = build_slopes(self.num_heads, layer_idx, self.num_layers, device="cpu")
 
     def slopes(self, device: torch.device) -> torch.Tensor:
-        if self._slopes.device != device:
-            self._slopes = self._slopes.to(device)
+        # Rebuilt, not cast, when not fp32: DeepSpeed's zero.Init casts every floating tensor made
+        # during __init__ to the training dtype (bf16 rates would change the model).
+        if self._slopes.device != device or self._slopes.dtype != torch.float32:
+            self._slopes = build_slopes(self.num_heads, self.layer_idx, self.num_layers, device=device)
         return self._slopes
 
     def _project_qkv(self, x: torch.Tensor, token_mask: torch.Tensor | None):

@@ -40,6 +40,28 @@ def test_bf16_load_keeps_decays_and_state_in_fp32(tmp_path):
     assert model.model.layers[0].self_attn.slopes(torch.device("cpu")).dtype == torch.float32
 
 
+@torch.no_grad()
+def test_decay_rates_survive_construction_that_casts_new_tensors(monkeypatch):
+    """DeepSpeed's zero.Init (ZeRO-3 construction) casts every floating tensor made by torch.tensor,
+    torch.empty, ... during __init__ to the training dtype; the fp32 decay rates must come out exact."""
+    from tnl_kernels import build_slopes
+
+    reference = build_model(tiny_config())
+    make_tensor = torch.tensor
+
+    def like_zero_init(*args, **kwargs):
+        tensor = make_tensor(*args, **kwargs)
+        return tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "tensor", like_zero_init)
+    model = build_model(tiny_config())
+    monkeypatch.undo()
+    ids = random_ids(2, 30)
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    attention = model.model.layers[2].self_attn
+    assert torch.equal(attention.slopes(torch.device("cpu")), build_slopes(4, 2, 4))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     config = tiny_config()
     ids = random_ids(2, 20)
