@@ -197,7 +197,7 @@ def build_model(cfg: RunConfig, model_cfg, ds_config: dict):
                 for tensor in list(model.parameters()) + list(model.buffers()):
                     dist.broadcast(tensor.data, src=0)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
