@@ -117,6 +117,9 @@ class RunConfig:
     #: _init_weights) so no rank ever holds the full model; False builds it whole first
     zero3_init: bool = True
     activation_checkpointing: bool = False
+    #: attend within documents only: each micro-batch is packed into one row cut at every row
+    #: start and BOS (``cu_seqlens``); a row's tokens no longer see the end of the previous document
+    document_masking: bool = False
     #: torch.compile the model in place through DeepSpeed's ``engine.compile`` (parameter names,
     #: checkpoints and exports are unchanged); the first steps pay for the compilation
     compile: bool = False

@@ -37,6 +37,7 @@ from tnl_training.checkpointing import (CHECKPOINTS, RUN_STATE, CheckpointSaveEr
                                         find_resume, remove_partial_saves, save_checkpoint)
 from tnl_training.config import ConfigError, RunConfig, load_config
 from tnl_training.data import TokenRows
+from tnl_training.documents import pack_documents, unpack_rows
 from tnl_training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from tnl_training.metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
 from tnl_training.prepare import PreflightError, Prepared, preflight
@@ -233,9 +234,11 @@ def expert_counts(router_logits, top_k: int, num_experts: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, world: int, device) -> float | None:
+def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, world: int, device,
+             bos_token_id: int | None = None) -> float | None:
     """Mean validation cross-entropy over the first ``eval_batches * micro * world`` rows (all of them
-    when fewer). Every rank runs the same number of forwards (ZeRO-3 gathers need all ranks)."""
+    when fewer). Every rank runs the same number of forwards (ZeRO-3 gathers need all ranks).
+    With ``bos_token_id`` each batch is packed by document, as training sees it."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -255,8 +258,13 @@ def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, worl
             ids.append(val_rows.row(i if i < n else 0))
             weights.append(1.0 if i < n else 0.0)
         x = torch.from_numpy(np.stack(ids)).to(device)
-        out = engine(input_ids=x, output_router_logits=False, use_cache=False)
-        logits = out.logits[:, :-1].float()
+        if bos_token_id is None:
+            logits = engine(input_ids=x, output_router_logits=False, use_cache=False).logits
+        else:
+            packed = pack_documents(x, bos_token_id)
+            logits = unpack_rows(engine(input_ids=packed["input_ids"], cu_seqlens=packed["cu_seqlens"],
+                                        output_router_logits=False, use_cache=False).logits, x.shape[0])
+        logits = logits[:, :-1].float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         row_loss = ce.view(x.shape[0], -1).mean(dim=1).double()
         w = torch.tensor(weights, dtype=torch.float64, device=device)
@@ -379,6 +387,8 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     metrics = MetricsWriter(output_dir / "metrics.jsonl",
                             output_dir / "tensorboard" if cfg.tensorboard else None) if is_main else None
     peak = peak_flops(cfg.peak_tflops)
+    # Documents are stored as BOS ... EOS: with document masking every BOS starts a segment.
+    bos_token_id = int(prepared.index["bos_token_id"]) if cfg.document_masking else None
     top_k, n_exp = model_cfg.num_experts_per_tok, model_cfg.num_local_experts
     n_moe = sum(t == "sparse" for t in model_cfg.mlp_layer_types)
     global_batch = cfg.world_batch(world)
@@ -386,7 +396,8 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     log(f"model {n_params / 1e6:.2f}M parameters ({fpt / 6e6:.2f}M active-equivalent per token); world {world} x "
         f"micro {cfg.micro_batch_size} x accum {cfg.gradient_accumulation_steps} = {global_batch} rows of "
         f"{cfg.seq_len + 1} tokens per step; ZeRO-{cfg.zero_stage}; {total_steps} steps; "
-        f"train {train_rows.num_tokens:,} tokens"
+        + ("attention within documents; " if cfg.document_masking else "")
+        + f"train {train_rows.num_tokens:,} tokens"
         + (f", validation {val_rows.num_tokens:,} tokens" if val_rows else ", no validation split"))
 
     stop = StopSignal()
@@ -413,7 +424,8 @@ def train(cfg: RunConfig, config_file=None) -> dict:
             sums = torch.zeros(4, dtype=torch.float64)
             for m in range(accum):
                 x = torch.from_numpy(train_rows.batch(cursor, m, rank, world, cfg.micro_batch_size)).to(device)
-                out = engine(input_ids=x, labels=x, output_router_logits=True, use_cache=False)  # no KV copies
+                batch = pack_documents(x, bos_token_id) if cfg.document_masking else {"input_ids": x, "labels": x}
+                out = engine(**batch, output_router_logits=True, use_cache=False)  # no KV-cache copies
                 loss = guard.checked_loss(out.loss, step + 1)
                 engine.backward(loss)
                 if m == accum - 1:
@@ -468,7 +480,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
                 saved = save_checkpoint(engine, ckpt_dir, state_dict(), cfg.keep_checkpoints, rank, log)
                 raise NonFiniteLossError(guard.stop_message(step, saved))
             if step % cfg.eval_interval == 0 or step == total_steps:
-                last_val = evaluate(engine, val_rows, cfg, rank, world, device)
+                last_val = evaluate(engine, val_rows, cfg, rank, world, device, bos_token_id)
                 if last_val is not None:
                     ppl = math.exp(min(last_val, 50))
                     log(f"step {step}: validation loss {last_val:.4f}, perplexity {ppl:.2f}")
