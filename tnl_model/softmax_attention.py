@@ -84,6 +84,8 @@ class TNLSoftmaxAttention(nn.Module):
             out = self._one_query(q, k, v, build_attention_mask(key_mask, past, length, cu_seqlens, x.device))
         elif past > 0 and length > 1 and key_mask is None and cu_seqlens is None and dropout == 0.0 and not q.is_cuda:
             out = self._after_cache_cpu(q, k, v, past)
+        elif cu_seqlens is not None and key_mask is None and past == 0:
+            out = self._per_document(q, k, v, cu_seqlens, dropout)
         else:
             mask = build_attention_mask(key_mask, past, length, cu_seqlens, x.device)
             out = F.scaled_dot_product_attention(
@@ -114,6 +116,18 @@ class TNLSoftmaxAttention(nn.Module):
         else:
             out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.scaling, causal=True)
         return out.transpose(1, 2)
+
+    def _per_document(self, q, k, v, cu_seqlens, dropout):
+        """Packed documents without flash-attn: one causal SDPA per document. A single call with a
+        block-diagonal mask would score every query against every key of the packed row,
+        (sum of lengths)^2 work and memory instead of the sum of squares."""
+        bounds = cu_seqlens.tolist()
+        pieces = [
+            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, is_causal=True,
+                                           scale=self.scaling, enable_gqa=self.num_kv_heads != self.num_heads)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        ]
+        return torch.cat(pieces, dim=2)
 
     def _one_query(self, q, k, v, mask):
         """One new token (decode) over the whole cache, its query heads stacked per key/value head.
