@@ -129,6 +129,17 @@ def _positions_in_documents(cu_seqlens: torch.Tensor, length: int) -> torch.Tens
     return (torch.arange(length, device=cu_seqlens.device) - cu_seqlens[docs]).unsqueeze(0)
 
 
+def _packed_bounds_from_positions(position_ids: torch.Tensor, length: int) -> torch.Tensor | None:
+    """``cu_seqlens`` of sequences flattened into one row whose positions restart (transformers'
+    ``DataCollatorWithFlattening``), or None when they never do."""
+    positions = position_ids[0]
+    restarts = torch.nonzero(positions[1:] <= positions[:-1]).squeeze(1) + 1
+    if restarts.numel() == 0:
+        return None
+    zero, end = positions.new_zeros(1), positions.new_full((1,), length)
+    return torch.cat([zero, restarts, end]).to(torch.int32)
+
+
 class TNLModel(TNLPreTrainedModel):
     def __init__(self, config: TNLConfig):
         super().__init__(config)
@@ -161,6 +172,14 @@ class TNLModel(TNLPreTrainedModel):
         if length == 0:
             raise ValueError("the input is empty (sequence length 0): give at least one token")
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        if cu_seqlens is None:
+            cu_seqlens = kwargs.get("cu_seq_lens_q")  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+        if cu_seqlens is None and position_ids is not None and cache is None and batch == 1 and length > 1:
+            # Positions that restart mark sequences flattened into one row: keep them apart, as
+            # flash-attention models in transformers do, instead of letting state flow across.
+            cu_seqlens = _packed_bounds_from_positions(position_ids, length)
+        if cu_seqlens is not None and use_cache is None:
+            use_cache = False  # each packed sequence ends with its own state: nothing to continue
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputation would write the cache twice
@@ -329,7 +348,8 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=kwargs.pop("past_key_values", cache), inputs_embeds=inputs_embeds,
                              use_cache=use_cache, output_attentions=output_attentions,
-                             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
+                             output_hidden_states=output_hidden_states,
+                             cu_seqlens=cu_seqlens if cu_seqlens is not None else kwargs.get("cu_seq_lens_q"),
                              prefill_chunk_size=kwargs.pop("prefill_chunk_size", None), keep_last=keep_last)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and 0 < logits_to_keep < hidden.shape[1]:

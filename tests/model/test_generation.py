@@ -198,6 +198,28 @@ def test_packed_documents_equal_each_document_alone():
         torch.testing.assert_close(logits[:, int(bounds[n]) : int(bounds[n + 1])], alone, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+@torch.no_grad()
+def test_flattening_collator_batches_equal_each_sequence_alone(flash_kwargs):
+    """transformers' DataCollatorWithFlattening packs a batch into one row whose positions restart
+    (and with return_flash_attn_kwargs gives cu_seq_lens_q): the sequences must stay apart, and
+    the loss is the mean over each sequence's own predictions. No cache is asked for."""
+    from transformers import DataCollatorWithFlattening
+
+    model = build(tiny_config())
+    docs = [_ids(1, n, seed=n)[0] for n in (9, 2, 30, 14)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": d.tolist()} for d in docs])
+    out = model(**batch)
+    assert out.cache is None
+    total, count, start = 0.0, 0, 0
+    for doc in docs:
+        alone = model(doc[None], use_cache=False).logits
+        torch.testing.assert_close(out.logits[:, start : start + doc.numel()], alone, atol=ATOL, rtol=0)
+        total += torch.nn.functional.cross_entropy(alone[0, :-1], doc[1:], reduction="sum")
+        count, start = count + doc.numel() - 1, start + doc.numel()
+    torch.testing.assert_close(out.lm_loss, total / count, atol=1e-5, rtol=0)
+
+
 @torch.no_grad()
 def test_output_attentions_uses_eager_softmax_with_the_same_logits():
     model = build(tiny_config())
