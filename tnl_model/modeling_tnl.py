@@ -174,7 +174,8 @@ class TNLModel(TNLPreTrainedModel):
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)
-        if cu_seqlens is None and position_ids is not None and cache is None and batch == 1 and length > 1:
+        if (cu_seqlens is None and position_ids is not None and position_ids.dim() == 2 and cache is None
+                and batch == 1 and length > 1):
             # Positions that restart mark sequences flattened into one row: keep them apart, as
             # flash-attention models in transformers do, instead of letting state flow across.
             cu_seqlens = _packed_bounds_from_positions(position_ids, length)
