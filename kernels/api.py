@@ -50,6 +50,19 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _resolve_decode_backend(backend: str, q, k, v, state) -> str:
+    """The decode kernel writes its state in place and records no graph: when autograd would be
+    needed, ``"auto"`` takes the differentiable PyTorch step and a forced ``"triton"`` is refused."""
+    resolved = _resolve_backend(backend, q.device)
+    needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, state))
+    if resolved == "triton" and needs_graph:
+        if backend == "triton":
+            raise ValueError("the Triton decode step is not differentiable: use backend='torch' (or 'auto') when "
+                             "gradients must flow through decode, or run it under torch.no_grad()")
+        return "torch"
+    return resolved
+
+
 def _check_inputs(q, k, v, slopes, initial_state, cu_seqlens):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -64,8 +77,8 @@ def _check_inputs(q, k, v, slopes, initial_state, cu_seqlens):
     if cu_seqlens is not None:
         if batch != 1:
             raise ValueError(f"cu_seqlens requires B == 1 (sequences packed along T), got B={batch}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be a 1-D int32 tensor of sequence boundaries [N+1]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a non-empty 1-D int32 tensor of sequence boundaries [N+1]")
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[1] or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={q.shape[1]}")
     n_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -116,7 +129,9 @@ def lightning_attn_decode(q, k, v, slopes, state, *, scale=1.0, backend="auto"):
         raise ValueError(f"state must be [B, H, D, E]={expected}, got {tuple(state.shape)}")
     if state.dtype != torch.float32:
         raise ValueError(f"the recurrent state must be fp32 (long decodes drift otherwise), got {state.dtype}")
-    backend = _resolve_backend(backend, q.device)
+    if slopes.shape != (q.shape[1],):
+        raise ValueError(f"slopes must have shape [H]=({q.shape[1]},), got {tuple(slopes.shape)}")
+    backend = _resolve_decode_backend(backend, q, k, v, state)
     slopes = slopes.to(device=q.device, dtype=torch.float32)
     if backend == "triton":
         return _triton_decode(q, k, v, slopes, state, scale)

@@ -114,7 +114,9 @@ def chunked_forward(q, k, v, rates, state, block_size: int):
                                      decays[block], block)
         outs.append(out)
     if not outs:
-        return v.new_zeros(v.shape), state
+        # A copy: the caller may update the returned state in place (decode) and must not write
+        # through it into the initial state it passed.
+        return v.new_zeros(v.shape), state.clone()
     return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]), state
 
 
@@ -213,6 +215,13 @@ def _heads_first(x, rows, start, stop):
     return torch.empty(source.shape, dtype=torch.float32, device=x.device).copy_(source)
 
 
+def _stacked(states: list, empty_shape: tuple, device) -> torch.Tensor:
+    """Per-sequence fp32 states as one ``[N, ...]`` tensor (``cu_seqlens=[0]`` packs no sequence)."""
+    if not states:
+        return torch.zeros(empty_shape, dtype=torch.float32, device=device)
+    return torch.cat(states, dim=0) if len(states) > 1 else states[0]
+
+
 class ChunkedLightningAttn(torch.autograd.Function):
     """Autograd wrapper: public ``[B, T, H, *]`` layout in and out, fp32 compute, analytic backward."""
 
@@ -233,13 +242,14 @@ class ChunkedLightningAttn(torch.autograd.Function):
                                            _heads_first(v, rows, start, stop), rates, state, block_size)
             _write_into(out[rows, start:stop].transpose(1, 2), torch.mul, piece, scale)
             finals.append(final)
-        final_state = torch.cat(finals, dim=0) if len(finals) > 1 else finals[0]
+        final_state = _stacked(finals, (0, heads, dim_k, dim_v), q.device)
         ctx.save_for_backward(q, k, v, rates, initial_state, cu_seqlens)
         ctx.scale, ctx.block_size = scale, block_size
         ctx.mark_non_differentiable(rates)
         return out.to(q.dtype), final_state
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the analytic backward is not itself differentiable
     def backward(ctx, grad_out, grad_final):
         q, k, v, rates, initial_state, cu_seqlens = ctx.saved_tensors
         batch, length, heads, dim_k = q.shape
@@ -264,6 +274,6 @@ class ChunkedLightningAttn(torch.autograd.Function):
             d_states.append(ds)
         d_initial = None
         if need_state_grad:
-            d_initial = (torch.cat(d_states, dim=0) if len(d_states) > 1 else d_states[0]).to(initial_state.dtype)
+            d_initial = _stacked(d_states, (0, heads, dim_k, dim_v), q.device).to(initial_state.dtype)
         dq, dk, dv = (g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
         return dq, dk, dv, None, None, d_initial, None, None

@@ -25,7 +25,7 @@ CPU_GROUPED_MAX_TOKENS = 1024
 
 def sort_by_expert(topk_index: torch.Tensor, num_experts: int):
     """Order of the flattened (token, k) assignments grouped by expert, and tokens per expert."""
-    flat = topk_index.reshape(-1)
+    flat = topk_index.reshape(-1).long()  # scatter_add_ needs int64 indices; routers may give int32
     order = torch.argsort(flat, stable=True)
     # A scatter-add rather than bincount: its output shape does not depend on the data, so
     # torch.compile keeps it in the graph.
@@ -59,7 +59,11 @@ def expert_ffn_loop(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.T
     """
     if _records_grad(x_sorted, gate_up, down):
         outputs = [_swiglu_expert(x_sorted[rows], gate_up[e], down[e]) for e, rows in _expert_rows(counts)]
-        return torch.cat(outputs, dim=0) if outputs else x_sorted.new_zeros(0, down.shape[1])
+        if not outputs:
+            # No tokens at all (an empty batch on one rank): still run an expert on the 0 rows, so the
+            # expert weights get zero gradients as with grouped_mm, not None (DDP/ZeRO reduce them).
+            return _swiglu_expert(x_sorted, gate_up[0], down[0])
+        return torch.cat(outputs, dim=0)
     result = x_sorted.new_empty(x_sorted.shape[0], down.shape[1])
     for expert, rows in _expert_rows(counts):
         gate, up = F.linear(x_sorted[rows], gate_up[expert]).chunk(2, dim=-1)

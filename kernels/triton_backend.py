@@ -114,6 +114,22 @@ def _dot_precision(dtype: torch.dtype) -> tl.constexpr:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with exactly the row-major strides of its shape (a copy only when it lacks them).
+
+    The kernels step along the flat batch x time token axis by ``stride(1)``. ``.contiguous()`` is
+    not enough for that: PyTorch calls a tensor contiguous whatever its strides on size-1 dims, so a
+    ``[B, H, 1, D]`` tensor transposed to ``[B, 1, H, D]`` keeps ``stride(1) == D``, not ``H * D``.
+    """
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= size
+    if x.stride() == tuple(reversed(expected)):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def _new_output(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -699,6 +715,7 @@ def _forward(q, k, v, slopes, scale, initial_state, layout: ChunkLayout):
     q, k: [B, T, H, D] and v: [B, T, H, E] with unit stride along the head dim (same dtype);
     initial_state: [N, H, D, E] fp32 or None. Returns (o [B, T, H, E], final_state [N, H, D, E] fp32).
     """
+    q, k, v = (_row_major(x) for x in (q, k, v))
     batch, length, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     out = _new_output((batch, length, heads, dim_v), q.dtype, q.device)
@@ -729,6 +746,7 @@ def _backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout: Chun
     """dq, dk, dv (in the inputs' dtypes) and d(initial state) (fp32 [N, H, D, E]) in three launches:
     the forward states again, the gradient states (reverse pass of sum_i lambda^{i+1} q_i^T G_i from
     d(final state)), then one kernel per chunk sharing both score tiles between the gradients."""
+    q, k, v, grad_out = (_row_major(x) for x in (q, k, v, grad_out))
     heads, dim_k = q.shape[2], q.shape[3]
     dim_v = v.shape[-1]
     dq, dk = _new_output(q.shape, q.dtype, q.device), _new_output(k.shape, k.dtype, k.device)
@@ -754,7 +772,7 @@ class LightningAttnTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, scale, initial_state, cu_seqlens, chunk_size):
-        q, k, v = (x.contiguous() for x in (q, k, v))
+        q, k, v = (_row_major(x) for x in (q, k, v))
         slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
         state0 = None if initial_state is None else initial_state.float().contiguous()
         layout = ChunkLayout(q.shape[0], q.shape[1], cu_seqlens, chunk_size, q.device)
@@ -766,9 +784,10 @@ class LightningAttnTriton(torch.autograd.Function):
         return out, final
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not a silent zero
     def backward(ctx, grad_out, grad_final):
         q, k, v, slopes, state0 = ctx.saved_tensors
-        grad_out = torch.zeros_like(v) if grad_out is None else grad_out.to(q.dtype).contiguous()
+        grad_out = torch.zeros_like(v) if grad_out is None else grad_out.to(q.dtype)
         grad_final = None if grad_final is None else grad_final.float().contiguous()
         dq, dk, dv, d_state0 = _backward(q, k, v, grad_out, slopes, ctx.scale, state0, grad_final, ctx.layout,
                                          ctx.states_strategy)

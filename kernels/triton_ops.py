@@ -63,7 +63,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_final):
     q, k, v, slopes, initial_state, cu_seqlens = ctx.saved_tensors
-    grad_out = torch.zeros_like(v) if grad_out is None else grad_out.to(q.dtype).contiguous()
+    grad_out = torch.zeros_like(v) if grad_out is None else grad_out.to(q.dtype)
     grad_final = None if grad_final is None else grad_final.contiguous()
     dq, dk, dv, d_state0 = lightning_bwd(q, k, v, grad_out, slopes, ctx.scale, initial_state, grad_final, cu_seqlens,
                                          ctx.chunk_size, ctx.states_strategy)

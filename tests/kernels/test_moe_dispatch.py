@@ -95,3 +95,26 @@ def test_auto_uses_the_loop_for_large_cpu_inference_and_grouped_mm_otherwise():
         assert choose_implementation(x, trainable, down, impl="loop") == "loop"
     with pytest.raises(ValueError, match="impl must be one of"):
         choose_implementation(x, gate_up, down, impl="scatter")
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_no_tokens_at_all_gives_zero_expert_gradients(impl):
+    """A rank whose batch routes no token: the expert weights get zero gradients, never None
+    (data-parallel reduction expects every parameter's gradient)."""
+    _, gate_up, down, _, _ = make(1, 4, 32, 16, 2, torch.float32)
+    x, index, weight = torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)
+    gate_up, down = gate_up.requires_grad_(), down.requires_grad_()
+    out = moe_dispatch(x, gate_up, down, index, weight, impl=impl)
+    out.sum().backward()
+    assert out.shape == (0, 32)
+    for name, param in (("gate_up", gate_up), ("down", down)):
+        assert param.grad is not None, f"{impl}: {name} got no gradient"
+        assert torch.count_nonzero(param.grad) == 0
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_int32_expert_indices_route_like_int64(impl):
+    x, gate_up, down, index, weight = make(19, 5, 32, 16, 2, torch.float32)
+    expected = moe_dispatch(x, gate_up, down, index, weight, impl=impl)
+    torch.testing.assert_close(moe_dispatch(x, gate_up, down, index.int(), weight, impl=impl), expected,
+                               rtol=0, atol=0)

@@ -185,3 +185,23 @@ def test_bad_arguments_raise_clear_errors(call, message):
     q, k, v, s, _ = inputs(2, 6, 2, 8, 8)
     with pytest.raises(ValueError, match=message):
         call(q.float(), k.float(), v.float(), s.float())
+
+
+def test_torch_path_refuses_double_backward():
+    q, k, v, s, _ = inputs(1, 70, 2, 8, 8, dtype=torch.float32)
+    q.requires_grad_()
+    out, _ = lightning_attn(q, k, v, s, backend="torch", block_size=32)
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        grad_q.square().sum().backward()
+
+
+def test_empty_input_returns_a_state_that_is_not_the_initial_one():
+    """T = 0: the final state equals the initial state but is a new tensor, so an in-place decode
+    on it cannot write into the caller's initial state."""
+    q, k, v, s, state = inputs(2, 0, 2, 8, 8, dtype=torch.float32)
+    _, final = lightning_attn(q, k, v, s, initial_state=state, output_final_state=True, backend="torch")
+    assert torch.equal(final, state) and final.data_ptr() != state.data_ptr()
+    before = state.clone()
+    lightning_attn_decode(q.new_ones(2, 2, 8), q.new_ones(2, 2, 8), q.new_ones(2, 2, 8), s, final, backend="torch")
+    assert torch.equal(state, before)

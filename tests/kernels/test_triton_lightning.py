@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tnl_kernels import lightning_attn, lightning_attn_decode
-from tnl_kernels import triton_backend
+from tnl_kernels import triton_backend, triton_ops
 from tnl_kernels.reference import lightning_attn_chunked, lightning_attn_recurrent
 
 # The one tolerance table: relative (to the tensor's largest magnitude) max error per input dtype.
@@ -294,6 +294,73 @@ def test_strided_inputs_from_a_fused_projection():
     ref_out, ref_final = lightning_attn_recurrent(q.double(), k.double(), v.double(), slopes.double(), initial_state=state0.double())
     assert_close(out, ref_out, torch.float32, "o")
     assert_close(final, ref_final, torch.float32, "final")
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_odd_strides_on_size_one_dims(length):
+    """q, k, v (and the output gradient) transposed from ``[B, H, T, *]`` with T == 1 count as
+    contiguous in PyTorch but step tokens by D, not H * D: the kernels must not read them as such."""
+    inputs = make_inputs(3, length, 2, 16, 24, torch.float32, seed=11)
+    heads_first = {n: torch.empty(x.transpose(1, 2).shape, device=DEVICE).copy_(x.transpose(1, 2)).transpose(1, 2)
+                   for n, x in inputs.items() if n in ("q", "k", "v", "grad_out")}
+    if length == 1:
+        assert heads_first["q"].is_contiguous() and heads_first["q"].stride(1) == 16  # the layout under test
+    slopes = torch.tensor([0.0, 0.4], device=DEVICE)
+    kwargs = dict(scale=0.7, use_state0=True)
+    expected = fp64_oracle(inputs, slopes, **kwargs)
+    assert_all_close(triton_run({**inputs, **heads_first}, slopes, **kwargs), expected, torch.float32)
+    # the custom-operator route that torch.compile takes
+    compiled_route = run_with_grads(triton_ops.lightning_attn_compilable, {**inputs, **heads_first}, slopes, **kwargs)
+    assert_all_close(compiled_route, expected, torch.float32)
+
+
+def test_double_backward_is_refused():
+    """The hand-written backward is not differentiable: asking for second derivatives must fail
+    loudly instead of returning first-order gradients without a graph."""
+    inputs = make_inputs(1, 9, 2, 16, 16, torch.float32, seed=12)
+    q = inputs["q"].clone().requires_grad_()
+    out, _ = triton_backend.lightning_attn_triton(q, inputs["k"], inputs["v"], torch.tensor([0.0, 0.3], device=DEVICE))
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        grad_q.square().sum().backward()
+
+
+def test_decode_under_autograd_takes_the_differentiable_step():
+    """The Triton decode writes its state in place and records no graph: "auto" falls back to the
+    PyTorch step when gradients are needed, and a forced "triton" says why it cannot."""
+    inputs = make_inputs(2, 1, 2, 16, 16, torch.float32, seed=13)
+    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+    grads = {}
+    for backend in ("torch", "auto"):
+        q = inputs["q"][:, 0].clone().requires_grad_()
+        out = lightning_attn_decode(q, inputs["k"][:, 0], inputs["v"][:, 0], slopes, inputs["state0"].clone(),
+                                    backend=backend)
+        out.square().sum().backward()
+        grads[backend] = q.grad
+    torch.testing.assert_close(grads["auto"], grads["torch"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not differentiable"):
+        lightning_attn_decode(inputs["q"][:, 0].requires_grad_(), inputs["k"][:, 0], inputs["v"][:, 0], slopes,
+                              inputs["state0"].clone(), backend="triton")
+
+
+def test_decode_checks_the_slopes_shape():
+    inputs = make_inputs(2, 1, 4, 16, 16, torch.float32, seed=14)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="slopes must have shape"):
+            lightning_attn_decode(inputs["q"][:, 0], inputs["k"][:, 0], inputs["v"][:, 0],
+                                  torch.tensor([0.1, 0.2], device=DEVICE), inputs["state0"].clone(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_packed_sequences_gives_empty_results(backend):
+    """``cu_seqlens=[0]``: no token and no sequence, on both backends (the shape of an empty shard)."""
+    q = torch.randn(1, 0, 2, 16, device=DEVICE)
+    out, final = lightning_attn(q, q, q, torch.tensor([0.0, 0.3], device=DEVICE), output_final_state=True,
+                                cu_seqlens=torch.tensor([0], dtype=torch.int32, device=DEVICE), backend=backend)
+    assert out.shape == (1, 0, 2, 16) and final.shape == (0, 2, 16, 16)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        lightning_attn(q, q, q, torch.tensor([0.0, 0.3], device=DEVICE), backend=backend,
+                       cu_seqlens=torch.zeros(0, dtype=torch.int32, device=DEVICE))
 
 
 def test_public_api_dispatches_to_triton():
