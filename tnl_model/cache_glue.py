@@ -33,7 +33,24 @@ def check_cache_type(cache) -> None:
     )
 
 
+def fill_empty_cache(cache: Cache | None, config) -> None:
+    """Give a plain ``DynamicCache()`` (no layers yet) the layers ``DynamicCache(config=config)`` builds.
+
+    Filled in place, so the object the caller holds is the one that is updated. A plain cache would
+    otherwise grow key/value layers on demand, which have no room for a lightning layer's state.
+    """
+    if cache is None or cache.layers:
+        return
+    cache.layers.extend(DynamicCache(config=config).layers)
+    cache.layer_class_to_replicate = None  # as a config-built cache: every layer exists from the start
+
+
 def _linear_layer(cache: Cache, layer_idx: int):
+    if layer_idx >= len(cache.layers):
+        raise TypeError(
+            f"the cache has {len(cache.layers)} layers but the model's layer {layer_idx} is a lightning layer: "
+            "build the cache with DynamicCache(config=model.config)"
+        )
     layer = cache.layers[layer_idx]
     if not isinstance(layer, LinearAttentionCacheLayerMixin):
         raise TypeError(

@@ -7,6 +7,8 @@ spellings (``attn_type_list``, ``layernorm_*_alpha/beta``, ``rotary_dim``,
 Every inconsistent value raises ``ValueError`` naming the field.
 """
 
+import math
+
 from transformers import PreTrainedConfig
 
 LINEAR = "linear_attention"
@@ -46,7 +48,9 @@ class TNLConfig(PreTrainedConfig):
     linear_attn_activation_on: ``"qkv"`` (MiniMax) or ``"qk"`` (TransNormerLLM: SiLU on q, k only).
     shared_intermediate_size: > 0 adds a shared expert mixed by a sigmoid coefficient.
     router_z_loss_coef: weight of the router z-loss (0 disables it).
-    prefill_chunk_size: prompts longer than this are prefilled chunk by chunk through the cache.
+    prefill_chunk_size: prompts longer than this are prefilled chunk by chunk through the cache, to bound
+        inference memory; only when autograd is off (a forward under autograd runs in one pass, so its
+        gradients are the single pass's).
     lightning_backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the lightning operator.
     """
 
@@ -144,8 +148,9 @@ class TNLConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.shared_intermediate_size < 0:
-            raise ValueError(f"shared_intermediate_size must be >= 0, got {self.shared_intermediate_size}")
+        if not _is_int(self.shared_intermediate_size) or self.shared_intermediate_size < 0:
+            raise ValueError(f"shared_intermediate_size must be >= 0 (an integer; 0: no shared expert), "
+                             f"got {self.shared_intermediate_size!r}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
@@ -173,11 +178,33 @@ class TNLConfig(PreTrainedConfig):
         rope_type = self.rope_parameters.get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"rope_parameters.rope_type: only 'default' RoPE is supported, got {rope_type!r}")
-        if self.prefill_chunk_size is not None and self.prefill_chunk_size <= 0:
-            raise ValueError(f"prefill_chunk_size must be positive or None, got {self.prefill_chunk_size}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "rms_norm_eps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        chunk = self.prefill_chunk_size
+        if chunk is not None and (not _is_int(chunk) or chunk <= 0):
+            raise ValueError(f"prefill_chunk_size must be a positive integer or None, got {chunk!r}")
+        self._validate_numbers()
+        self._validate_token_ids()
+
+    def _validate_numbers(self) -> None:
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (a number), got {getattr(self, name)!r}")
+        for name in ("rms_norm_eps", "linear_attn_norm_eps"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+        for name in _ORIGINAL_SCALE_NAMES.values():
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        dropout = self.attention_dropout
+        if not _is_number(dropout) or not 0 <= dropout < 1:
+            raise ValueError(f"attention_dropout must be a number in [0, 1), got {dropout!r}")
+
+    def _validate_token_ids(self) -> None:
+        """Special token ids index the embedding (pad) and the logits (bos, eos): they must be in the vocabulary."""
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if any(i is not None and (not _is_int(i) or not 0 <= i < self.vocab_size) for i in ids):
+                raise ValueError(f"{name} must be None or a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
 
     def _validate_per_layer(self, name: str, allowed: tuple[str, ...]) -> None:
         values = getattr(self, name)
@@ -197,6 +224,14 @@ class TNLConfig(PreTrainedConfig):
     @property
     def num_experts_layers(self) -> int:
         return sum(t == "sparse" for t in self.mlp_layer_types)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 __all__ = ["TNLConfig", "minimax_layer_pattern", "LINEAR", "FULL"]

@@ -71,6 +71,20 @@ def to_minimax(src: str | Path, dst: str | Path) -> dict:
     return minimax_config
 
 
+def export_notes(minimax_config: dict) -> list[str]:
+    """What an exported checkpoint carries that transformers' MiniMaxForCausalLM does not read."""
+    notes = []
+    if minimax_config["rotary_dim"] != minimax_config["head_dim"]:
+        notes.append("rotary_dim < head_dim; transformers' MiniMaxForCausalLM ignores rotary_dim and rotates every dim, "
+                     "so only engines that read rotary_dim (the original code, vLLM) reproduce this model")
+    if minimax_config["shared_intermediate_size"] > 0:
+        notes.append("shared expert (shared_intermediate_size="
+                     f"{minimax_config['shared_intermediate_size']}) written as model.layers.*.shared_mlp.* and "
+                     "model.layers.*.coefficient.weight; transformers' MiniMaxForCausalLM has no shared expert and "
+                     "ignores those weights, so only engines that read them (the original code, vLLM) reproduce this model")
+    return notes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tnl_model.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,9 +99,8 @@ def main(argv=None) -> int:
                   f"{config.layer_types.count('full_attention')} softmax)")
         else:
             minimax_config = to_minimax(args.src, args.dst)
-            if minimax_config["rotary_dim"] != minimax_config["head_dim"]:
-                print("note: rotary_dim < head_dim; transformers' MiniMaxForCausalLM ignores rotary_dim and rotates "
-                      "every dim, so only engines that read rotary_dim (the original code, vLLM) reproduce this model")
+            for note in export_notes(minimax_config):
+                print(f"note: {note}")
             print(f"wrote MiniMax checkpoint to {args.dst}")
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -78,6 +78,10 @@ class TNLLightningAttention(nn.Module):
             else:
                 mark_linear_state_updated(cache, self.layer_idx)
         else:
+            if state is not None and torch.is_grad_enabled():
+                # The kernel saves initial_state for backward and set_linear_state below writes the new
+                # state into the cached buffer in place: hand the kernel its own copy.
+                state = state.clone()
             out, final_state = lightning_attn(
                 q, k, v, slopes,
                 initial_state=state,

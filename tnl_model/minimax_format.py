@@ -13,8 +13,14 @@ TNL (and transformers' in-memory MiniMax) stacks the experts::
     model.layers.{i}.mlp.experts.gate_up_proj   [E, 2I, D]   (w1 rows, then w3 rows)
     model.layers.{i}.mlp.experts.down_proj      [E, D, I]
 
-Every other name is shared. Config fields are translated both ways; ``to-minimax``
-writes both transformers' and the original spellings.
+The optional shared expert sits on the decoder layer in MiniMax-Text-01 (its modeling code
+and vLLM's ``MiniMaxText01DecoderLayer``) and in the MoE block in TNL::
+
+    model.layers.{i}.shared_mlp.{gate,up,down}_proj.weight   <->  model.layers.{i}.mlp.shared_mlp.*
+    model.layers.{i}.coefficient.weight                      <->  model.layers.{i}.mlp.coefficient.weight
+
+transformers' ``MiniMaxForCausalLM`` has no shared expert. Every other name is shared. Config
+fields are translated both ways; ``to-minimax`` writes both transformers' and the original spellings.
 """
 
 import re
@@ -26,6 +32,12 @@ from .configuration_tnl import FULL, TNLConfig
 DECAY_BUFFERS = re.compile(r"\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
 PER_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
 STACKED = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+SHARED_ON_LAYER = re.compile(r"^(model\.layers\.\d+)\.(shared_mlp|coefficient)\.")  # MiniMax-Text-01 layout
+SHARED_IN_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.(shared_mlp|coefficient)\.")  # TNL layout
+
+# transformers' MiniMaxLightningAttention builds its output norm with MiniMaxRMSNorm's default eps,
+# whatever the config says.
+MINIMAX_LINEAR_ATTN_NORM_EPS = 1e-6
 
 # Config keys of a MiniMax config.json that are bookkeeping, not architecture.
 _DROP_CONFIG_KEYS = {"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "sliding_window"}
@@ -57,6 +69,11 @@ def _check_expressible(config: TNLConfig) -> None:
         problems.append("linear_attn_gate='identity'")
     if config.linear_attn_activation_on != "qkv":
         problems.append("linear_attn_activation_on='qk'")
+    if not config.postnorm:
+        problems.append("postnorm=False (transformers' MiniMax decoder layer is post-norm only)")
+    if config.linear_attn_norm_eps != MINIMAX_LINEAR_ATTN_NORM_EPS:
+        problems.append(f"linear_attn_norm_eps={config.linear_attn_norm_eps} (transformers' MiniMax always uses "
+                        f"{MINIMAX_LINEAR_ATTN_NORM_EPS})")
     if problems:
         raise ValueError("this TNL model cannot be expressed in the MiniMax format: " + "; ".join(problems))
 
@@ -130,7 +147,9 @@ def tensors_from_minimax(source, config: TNLConfig):
         if match:
             per_expert.setdefault(match.group(1), {})[(int(match.group(2)), match.group(3))] = key
             continue
-        yield key.replace(".block_sparse_moe.", ".mlp."), source.get(key)
+        # Shared expert: on the decoder layer in MiniMax-Text-01; under block_sparse_moe in older exports.
+        name = SHARED_ON_LAYER.sub(r"\1.mlp.\2.", key)
+        yield name.replace(".block_sparse_moe.", ".mlp."), source.get(key)
     for layer, parts in sorted(per_expert.items(), key=lambda item: int(item[0].rsplit(".", 1)[1])):
         experts = sorted({e for e, _ in parts})
         if experts != list(range(config.num_local_experts)):
@@ -151,7 +170,8 @@ def tensors_to_minimax(source, config: TNLConfig):
     for key in source.keys():
         match = STACKED.match(key)
         if not match:
-            yield key.replace(".mlp.", ".block_sparse_moe."), source.get(key)
+            name = SHARED_IN_MLP.sub(r"\1.\2.", key)  # the shared expert goes onto the decoder layer
+            yield name.replace(".mlp.", ".block_sparse_moe."), source.get(key)
             continue
         layer, kind = match.groups()
         stacked = source.get(key)

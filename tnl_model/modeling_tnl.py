@@ -16,7 +16,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .cache_glue import add_seen_tokens, check_cache_type, past_length, reserve_kv_capacity, use_growing_kv_layers
+from .cache_glue import (add_seen_tokens, check_cache_type, fill_empty_cache, past_length, reserve_kv_capacity,
+                         use_growing_kv_layers)
 from .configuration_tnl import FULL, LINEAR, TNLConfig
 from .lightning_layer import TNLLightningAttention
 from .load_checks import StrictLoadingMixin
@@ -129,6 +130,21 @@ def _positions_in_documents(cu_seqlens: torch.Tensor, length: int) -> torch.Tens
     return (torch.arange(length, device=cu_seqlens.device) - cu_seqlens[docs]).unsqueeze(0)
 
 
+def _may_be_packed(position_ids, attention_mask, cache, use_cache, batch: int, length: int) -> bool:
+    """Whether restarting ``position_ids`` can mean sequences flattened into one row.
+
+    ``DataCollatorWithFlattening`` sends one row, no attention mask and no cache. A padded row
+    (generate() gives left pads position 1, so positions restart there) or an explicit
+    ``use_cache=True`` is an ordinary sequence, never a packed batch.
+    """
+    if position_ids is None or position_ids.dim() != 2 or batch != 1 or length < 2:
+        return False
+    if cache is not None or use_cache:
+        return False
+    has_padding = isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.all())
+    return not has_padding
+
+
 def _packed_bounds_from_positions(position_ids: torch.Tensor, length: int) -> torch.Tensor | None:
     """``cu_seqlens`` of sequences flattened into one row whose positions restart (transformers'
     ``DataCollatorWithFlattening``), or None when they never do."""
@@ -138,6 +154,12 @@ def _packed_bounds_from_positions(position_ids: torch.Tensor, length: int) -> to
         return None
     zero, end = positions.new_zeros(1), positions.new_full((1,), length)
     return torch.cat([zero, restarts, end]).to(torch.int32)
+
+
+def _merge_chunk_router_logits(chunks, batch: int) -> torch.Tensor:
+    """One layer's router logits of consecutive chunks, each ``[B*Tc, E]``, as the single pass's ``[B*T, E]``:
+    batch-major (each row's tokens together), not chunk-major."""
+    return torch.cat([part.reshape(batch, -1, part.shape[-1]) for part in chunks], dim=1).flatten(0, 1)
 
 
 class TNLModel(TNLPreTrainedModel):
@@ -160,10 +182,16 @@ class TNLModel(TNLPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, cu_seqlens=None,
-                prefill_chunk_size=None, keep_last=0, **kwargs):
+                prefill_chunk_size=None, keep_last=0, return_dict=None, **kwargs):
         """``keep_last > 0`` lets a chunked prefill return only the last ``keep_last`` hidden states and no
         router logits, so its memory does not grow with the prompt (generate() needs the last position only)."""
-        cache = kwargs.pop("past_key_values", cache)
+        outputs = self._forward(input_ids, attention_mask, position_ids, kwargs.pop("past_key_values", cache),
+                                inputs_embeds, use_cache, output_attentions, output_hidden_states, cu_seqlens,
+                                prefill_chunk_size, keep_last, **kwargs)
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_attentions,
+                 output_hidden_states, cu_seqlens, prefill_chunk_size, keep_last, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -172,31 +200,24 @@ class TNLModel(TNLPreTrainedModel):
         if length == 0:
             raise ValueError("the input is empty (sequence length 0): give at least one token")
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)
-        if (cu_seqlens is None and position_ids is not None and position_ids.dim() == 2 and cache is None
-                and batch == 1 and length > 1):
+        if cu_seqlens is None and _may_be_packed(position_ids, attention_mask, cache, use_cache, batch, length):
             # Positions that restart mark sequences flattened into one row: keep them apart, as
             # flash-attention models in transformers do, instead of letting state flow across.
             cu_seqlens = _packed_bounds_from_positions(position_ids, length)
-        if cu_seqlens is not None and use_cache is None:
-            use_cache = False  # each packed sequence ends with its own state: nothing to continue
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # recomputation would write the cache twice
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if not use_cache:
-            cache = None
-        check_cache_type(cache)
-        use_growing_kv_layers(cache, self.config.layer_types)
+        cache = self._resolve_cache(cache, use_cache, packed=cu_seqlens is not None)
         if cu_seqlens is not None and (batch != 1 or cache is not None):
-            raise ValueError("cu_seqlens (packed documents) needs a batch of 1 and use_cache=False")
+            raise ValueError("cu_seqlens (packed documents) needs a batch of 1 and no cache (use_cache=False)")
         past = past_length(cache, self.config.layer_types)
         attention_mask = self._check_attention_mask(attention_mask, batch, past, length)
 
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
-        if cache is not None and chunk and length > chunk:
+        # Chunking bounds inference memory only: under autograd every chunk's activations are kept
+        # for backward anyway, and the state carried between chunks would cut the gradient.
+        if cache is not None and chunk and length > chunk and not torch.is_grad_enabled():
             # Chunk the token ids, not their embeddings: nothing of size [T, hidden] is ever built.
             tokens = input_ids if input_ids is not None else inputs_embeds
             return self._chunked_prefill(tokens, attention_mask, position_ids, cache, chunk, keep_last,
@@ -239,6 +260,24 @@ class TNLModel(TNLPreTrainedModel):
             attentions=tuple(all_attn) if output_attentions else None,
             router_logits=tuple(router_logits),
         )
+
+    def _resolve_cache(self, cache, use_cache, packed: bool):
+        """The cache this forward reads and updates, as in transformers' Llama: a cache the caller passes is
+        always used; a new one is built only when ``use_cache`` (default ``config.use_cache``) asks for it."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if cache is not None:
+                raise ValueError("a cache cannot be used under gradient checkpointing in training (the recomputation "
+                                 "in backward would update it twice): call model.eval() or run under torch.no_grad()")
+            return None
+        if use_cache is None:
+            # Each packed sequence ends with its own state: nothing to continue.
+            use_cache = False if packed else self.config.use_cache
+        check_cache_type(cache)
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.config)
+        fill_empty_cache(cache, self.config)
+        use_growing_kv_layers(cache, self.config.layer_types)
+        return cache
 
     def _check_attention_mask(self, attention_mask, batch, past, length):
         """2-D ``[B, past+T]`` masks only; an all-ones mask is dropped so the fast unpadded paths run.
@@ -300,7 +339,7 @@ class TNLModel(TNLPreTrainedModel):
         hidden = torch.cat(pieces, dim=1)
         if keep_last:
             return MoeModelOutputWithPast(last_hidden_state=hidden[:, -keep_last:], cache=cache, router_logits=())
-        merged_router = tuple(torch.cat(per_layer, dim=0) for per_layer in zip(*router_logits))
+        merged_router = tuple(_merge_chunk_router_logits(per_layer, tokens.shape[0]) for per_layer in zip(*router_logits))
         return MoeModelOutputWithPast(last_hidden_state=hidden, cache=cache, router_logits=merged_router)
 
 

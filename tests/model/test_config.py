@@ -34,6 +34,47 @@ def test_inconsistent_values_raise_value_error_naming_the_field(fields, field_na
         TNLConfig(**fields)
 
 
+@pytest.mark.parametrize(
+    "fields, field_named",
+    [
+        (dict(vocab_size=100, pad_token_id=100), "pad_token_id"),
+        (dict(vocab_size=100, pad_token_id=-1), "pad_token_id"),
+        (dict(vocab_size=100, bos_token_id=99999), "bos_token_id"),
+        (dict(vocab_size=100, eos_token_id=[2, 100]), "eos_token_id"),
+        (dict(eos_token_id="2"), "eos_token_id"),
+        (dict(prefill_chunk_size=2.5), "prefill_chunk_size"),
+        (dict(prefill_chunk_size=True), "prefill_chunk_size"),
+        (dict(prefill_chunk_size="64"), "prefill_chunk_size"),
+        (dict(mlp_alpha_factor="1.5"), "mlp_alpha_factor"),
+        (dict(full_attn_beta_factor=None), "full_attn_beta_factor"),
+        (dict(layernorm_linear_attention_alpha=[1.0]), "linear_attn_alpha_factor"),
+        (dict(linear_attn_norm_eps=-1.0), "linear_attn_norm_eps"),
+        (dict(linear_attn_norm_eps=0), "linear_attn_norm_eps"),
+        (dict(rms_norm_eps="1e-6"), "rms_norm_eps"),
+        (dict(rms_norm_eps=None), "rms_norm_eps"),
+        (dict(attention_dropout=1.5), "attention_dropout"),
+        (dict(attention_dropout=1.0), "attention_dropout"),
+        (dict(attention_dropout=-0.1), "attention_dropout"),
+        (dict(shared_intermediate_size=None), "shared_intermediate_size"),
+        (dict(shared_intermediate_size=1.5), "shared_intermediate_size"),
+        (dict(router_jitter_noise="0.1"), "router_jitter_noise"),
+    ],
+)
+def test_values_that_would_fail_later_raise_value_error_naming_the_field(fields, field_named):
+    with pytest.raises(ValueError, match=field_named):
+        TNLConfig(**fields)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(pad_token_id=None, bos_token_id=None, eos_token_id=None),
+    dict(vocab_size=100, pad_token_id=99, eos_token_id=[2, 99]),
+    dict(prefill_chunk_size=None), dict(prefill_chunk_size=1),
+    dict(mlp_alpha_factor=2, full_attn_beta_factor=0.5, attention_dropout=0.1, shared_intermediate_size=0),
+])
+def test_valid_edge_values_are_accepted(fields):
+    TNLConfig(**fields)
+
+
 def test_original_minimax_spellings_map_onto_fields():
     config = TNLConfig(
         num_hidden_layers=3, attn_type_list=[0, 1, 0], layernorm_full_attention_alpha=2.5,

@@ -7,6 +7,7 @@ independent references, and the tests show that transformers differs there.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -151,3 +152,52 @@ def test_six_head_model_lightning_layer_matches_fp64_recurrence(tmp_path):
     out, _ = layer(x)
     reference = layer.out_proj(torch.sigmoid(layer.output_gate(x)) * layer.norm(expected.float().reshape(1, 70, -1)))
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+
+
+def _tnl_checkpoint(path, **overrides):
+    from tnl_model.testing import build_model, tiny_config
+    model = build_model(tiny_config(mlp_layer_types=["sparse"] * 4, rotary_dim=12, **overrides))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(postnorm=False), "postnorm=False"),
+    (dict(linear_attn_norm_eps=1e-2), "linear_attn_norm_eps=0.01"),
+], ids=["prenorm", "linear_attn_norm_eps"])
+def test_to_minimax_refuses_settings_transformers_minimax_cannot_carry(tmp_path, capsys, overrides, named):
+    _tnl_checkpoint(tmp_path / "tnl", **overrides)
+    assert convert_main(["to-minimax", str(tmp_path / "tnl"), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "cannot be expressed in the MiniMax format" in error and named in error
+    assert not (tmp_path / "out").exists()
+
+
+def _renamed(directory, rename):
+    from safetensors.torch import load_file, save_file
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    save_file({rename(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def test_shared_expert_uses_the_minimax_text_01_layout_both_ways(tmp_path, capsys):
+    """MiniMax-Text-01's code and vLLM keep shared_mlp and coefficient on the decoder layer."""
+    from safetensors import safe_open
+    ours = _tnl_checkpoint(tmp_path / "tnl", shared_intermediate_size=16)
+    assert convert_main(["to-minimax", str(tmp_path / "tnl"), str(tmp_path / "mm")]) == 0
+    assert "transformers' MiniMaxForCausalLM has no shared expert" in capsys.readouterr().out
+    keys = set(safe_open(str(tmp_path / "mm" / "model.safetensors"), "pt").keys())
+    for part in ("shared_mlp.gate_proj", "shared_mlp.up_proj", "shared_mlp.down_proj", "coefficient"):
+        assert f"model.layers.3.{part}.weight" in keys
+    assert not [k for k in keys if "block_sparse_moe.shared_mlp" in k or "block_sparse_moe.coefficient" in k]
+    ids = random_ids(1, 9, vocab=97)
+    from_minimax(tmp_path / "mm", tmp_path / "back")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert torch.equal(back(ids).logits, ours(ids).logits)
+    # Checkpoints written by earlier versions of to-minimax (shared expert under block_sparse_moe) still import.
+    old_layout = re.compile(r"\.layers\.(\d+)\.(shared_mlp|coefficient)\.")
+    _renamed(tmp_path / "mm", lambda k: old_layout.sub(r".layers.\1.block_sparse_moe.\2.", k))
+    from_minimax(tmp_path / "mm", tmp_path / "old")
+    old = AutoModelForCausalLM.from_pretrained(tmp_path / "old").eval()
+    assert torch.equal(old(ids).logits, ours(ids).logits)
