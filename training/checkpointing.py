@@ -4,7 +4,8 @@ the previous one.
 
 Layout of ``output_dir/checkpoints``::
 
-    step40/            a complete DeepSpeed checkpoint (``run_state.json`` is inside)
+    step40/            a complete DeepSpeed checkpoint (``run_state.json`` and one
+                       ``rng_state_rank{R}.safetensors`` per rank are inside)
     step40_universal/  the same, converted for a different world size (made on demand)
     latest             the newest complete tag
     .step50.partial/   a save in progress; never read, removed by the next save
@@ -12,6 +13,11 @@ Layout of ``output_dir/checkpoints``::
 A save writes into ``.stepN.partial``, adds ``run_state.json``, renames the directory to ``stepN``
 and only then rewrites ``latest`` (write to a temporary name, then rename) and drops old tags.
 A crash at any point leaves the previous checkpoint and ``latest`` as they were.
+
+Each rank's random state (torch CPU and CUDA generators as uint8 tensors, python ``random`` and
+numpy's global generator as JSON in the safetensors metadata; no pickle) is saved with the
+checkpoint and restored on resume, so dropout and router jitter continue the uninterrupted run's
+random streams.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tnl_training.prepare import PreflightError
@@ -34,10 +42,19 @@ LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 #: headroom over the previous checkpoint's size when checking free space before a save
 FREE_SPACE_MARGIN = 1.1
+#: one file per rank in a checkpoint's tag directory; ``run_state.json`` names the pattern under
+#: RNG_STATE_KEY (a checkpoint without that key predates saved random states)
+RNG_STATE = "rng_state_rank{rank}.safetensors"
+RNG_STATE_KEY = "rng_state_files"
+RNG_STATE_FORMAT = "1"
 
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the previous one is untouched."""
+
+
+class CheckpointLoadError(RuntimeError):
+    """A part of the checkpoint to resume from is missing or corrupt."""
 
 
 def checkpoint_tags(ckpt_dir: Path) -> list[str]:
@@ -95,13 +112,81 @@ def convert_to_universal(tag_dir: Path, log) -> Path:
 
 
 # ------------------------------------------------------------------------------ saving
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, text: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ random state
+def rng_state_path(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / RNG_STATE.format(rank=rank)
+
+
+def rng_state_bytes() -> bytes:
+    """This process's random state as a safetensors file (torch generators as uint8 tensors,
+    python ``random`` and numpy's global generator as JSON metadata)."""
+    from safetensors.torch import save
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    metadata = {
+        "format": RNG_STATE_FORMAT,
+        "python_random": json.dumps([version, list(internal), gauss_next]),
+        "numpy_random": json.dumps([kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)]),
+    }
+    return save(tensors, metadata=metadata)
+
+
+def restore_rng_state(path: Path) -> None:
+    """Set this process's random state from a file of :func:`rng_state_bytes`; raises
+    :class:`CheckpointLoadError` naming the file when it is missing or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointLoadError(f"{path} is missing: the checkpoint has no random state for this process; "
+                                  "resume from another checkpoint (--resume TAG)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if metadata.get("format") != RNG_STATE_FORMAT:
+            raise ValueError(f"unknown format {metadata.get('format')!r}")
+        version, internal, gauss_next = json.loads(metadata["python_random"])
+        kind, keys, pos, has_gauss, cached_gaussian = json.loads(metadata["numpy_random"])
+        random.setstate((version, tuple(internal), gauss_next))
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+        torch.set_rng_state(tensors["torch_cpu"])
+        if "torch_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["torch_cuda"])
+    except Exception as err:  # noqa: BLE001 - any unreadable content is a corrupt file
+        raise CheckpointLoadError(f"{path} is corrupt ({type(err).__name__}: {err}); resume from another "
+                                  "checkpoint (--resume TAG)") from None
+
+
+def resume_rng_state(tag_dir: Path, run_state: dict, rank: int, same_world: bool, log) -> None:
+    """Restore every rank's random state from checkpoint ``tag_dir``; all ranks raise together."""
+    if RNG_STATE_KEY not in run_state:
+        log(f"warning: checkpoint {tag_dir} was saved without random states; dropout and router jitter "
+            "restart their random streams from the seed")
+        return
+    if not same_world:
+        log("the world size changed: each process's random streams restart from the seed")
+        return
+    error = None
+    try:
+        restore_rng_state(rng_state_path(tag_dir, rank))
+    except CheckpointLoadError as err:
+        error = err
+    if not _all_ranks_ok(error is None):
+        raise error or CheckpointLoadError(f"another process could not restore its random state from {tag_dir} "
+                                           "(see its error)")
 
 
 def directory_size(path: Path) -> int:
@@ -205,6 +290,15 @@ def save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int, rank: int, l
         # gets here, and the other ranks' files are worthless without this rank's
         shutil.rmtree(staging, ignore_errors=True)
         raise failure(err, "writing the DeepSpeed state") from err
+    try:
+        _write_atomically(rng_state_path(staging, rank), rng_state_bytes())
+    except OSError as err:
+        error = failure(err, "writing the random state")
+    if not _all_ranks_ok(error is None):  # also: every rank's file is there before rank 0 publishes
+        shutil.rmtree(staging, ignore_errors=True)
+        raise error or CheckpointSaveError(f"checkpoint {tag} not saved: another rank could not write its random "
+                                           f"state; {intact}")
+    state = {**state, RNG_STATE_KEY: RNG_STATE}
     if rank == 0:
         try:
             publish(ckpt_dir, staging, tag, state)

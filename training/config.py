@@ -59,6 +59,9 @@ class TokenizerConfig:
     model_type: str = "unigram"
     #: None = the model config's vocab_size
     vocab_size: int | None = None
+    #: fraction of the training characters that get their own piece; the rarest rest is spelled in
+    #: bytes (byte fallback), so text with many rare characters still fits a small vocabulary
+    character_coverage: float = 0.9995
 
 
 @dataclass
@@ -104,6 +107,7 @@ class RunConfig:
     #: optimizer steps; when None, derived from ``max_tokens``
     max_steps: int | None = 1000
     #: token budget (predicted tokens); used when max_steps is None, else must agree with it
+    #: (max_steps = ceil(max_tokens / tokens per step)) or the config is refused
     max_tokens: int | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_clip: float = 1.0
@@ -150,9 +154,19 @@ class RunConfig:
         return self.micro_batch_size * self.gradient_accumulation_steps * world_size
 
     def total_steps(self, world_size: int) -> int:
-        if self.max_steps is not None:
+        """Optimizer steps of the run; :class:`ConfigError` when max_steps and max_tokens are both set and disagree."""
+        if self.max_tokens is None:
             return self.max_steps
-        return math.ceil(self.max_tokens / (self.world_batch(world_size) * self.seq_len))
+        tokens_per_step = self.world_batch(world_size) * self.seq_len
+        budget_steps = math.ceil(self.max_tokens / tokens_per_step)
+        if self.max_steps is not None and self.max_steps != budget_steps:
+            raise ConfigError(
+                f"max_steps={self.max_steps} and max_tokens={self.max_tokens} disagree: max_tokens is {budget_steps} "
+                f"steps of {tokens_per_step:,} tokens (world size {world_size} x micro_batch_size {self.micro_batch_size} "
+                f"x gradient_accumulation_steps {self.gradient_accumulation_steps} x seq_len {self.seq_len}). "
+                f"Set max_steps=null to size the run by max_tokens, "
+                f"or max_tokens=null to size it by max_steps")
+        return budget_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,6 +185,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        self.total_steps(_launched_world_size())  # max_steps vs max_tokens, before any work
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_clip < 0:
@@ -183,6 +198,9 @@ class RunConfig:
                               f"{opt.min_lr_ratio}")
         if opt.warmup_steps < 0 or not 0 < opt.decay_fraction <= 1:
             raise ConfigError("optimizer.warmup_steps must be >= 0 and optimizer.decay_fraction in (0, 1]")
+        if not 0.98 <= self.tokenizer.character_coverage <= 1:
+            raise ConfigError("tokenizer.character_coverage must be in [0.98, 1] (sentencepiece's range), got "
+                              f"{self.tokenizer.character_coverage}")
         if self.tokenizer.model_type not in ("unigram", "bpe"):
             raise ConfigError(f"tokenizer.model_type must be 'unigram' or 'bpe', got {self.tokenizer.model_type!r}")
         if not 0 <= self.data.val_fraction < 1:
@@ -202,6 +220,14 @@ class RunConfig:
         if self.cpu_offload and self.zero_stage == 0:
             raise ConfigError("cpu_offload needs zero_stage >= 1")
         return self
+
+
+def _launched_world_size() -> int:
+    """The process count the launcher (deepspeed, torchrun) gave this process; 1 when run directly."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 # ---------------------------------------------------------------------- type checking
@@ -291,9 +317,26 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as err:
+        value = _value_yaml_rejects(key, raw, err)
     return key, value
+
+
+def _value_yaml_rejects(key: str, raw: str, err: yaml.YAMLError) -> Any:
+    """A value YAML cannot read: globs such as ``*_val.txt`` start with YAML's alias character.
+    A bracketed list becomes its comma-separated items (``[*_val.txt, b.txt]``); any other
+    bracketed or braced value is an error; a plain value stays the string as typed."""
+    text = raw.strip()
+    if text.startswith("[") and text.endswith("]"):
+        items = [item.strip() for item in text[1:-1].split(",")]
+        items = [item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item for item in items]
+        if not all(items):
+            raise ConfigError(f"{key}: the list {raw!r} has an empty item")
+        return items
+    if text.startswith(("[", "{")):
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"{key}: cannot read {raw!r} ({problem}); write a list as [a, b] or quote the items")
+    return raw
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:

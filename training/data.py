@@ -5,7 +5,9 @@
 
 Documents: a ``.txt`` (or any non-JSONL) file is one document; a ``.jsonl`` file holds one
 document per line (field ``text``). Each document is stored as ``BOS tokens EOS`` and the
-documents of a split are concatenated into a token stream. Whole documents go to
+documents of a split are concatenated into a token stream; text that spells a special token
+(``<s>``, ``</s>``, ``<pad>``, ``<unk>``: HTML has ``<s>``) is stored as ordinary tokens, so BOS
+and EOS mark document boundaries only. Whole documents go to
 validation (explicit ``val_files`` and/or a deterministic ``val_fraction`` of documents).
 
 Shard file layout (little-endian), written to a temporary name, fsynced and renamed, so a
@@ -57,6 +59,9 @@ HEADER_SIZE = 64
 _HEAD = struct.Struct("<8sIIQQI")  # magic, version, itemsize, n_tokens, n_docs, payload crc  (36 bytes)
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
+#: how document text becomes tokens; part of the shard fingerprint, so shards made before a
+#: change are re-tokenized (2: special-token text is spelled in ordinary tokens)
+TEXT_ENCODING = 2
 
 
 class DataError(ValueError):
@@ -251,7 +256,49 @@ def fingerprint(files: list[Path], tokenizer_dir: str | os.PathLike, settings: d
     tok_json = Path(tokenizer_dir) / "tokenizer.json"
     h.update(hashlib.sha256(tok_json.read_bytes()).digest() if tok_json.is_file() else b"-")
     h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(f"text-encoding {TEXT_ENCODING}".encode())
     return h.hexdigest()
+
+
+def _special_spellings(tok) -> dict[int, tuple[str, list[int] | None]]:
+    """Each special token id -> (its text, the byte-fallback ids that spell that text, or None when
+    the tokenizer has no byte pieces for it)."""
+    spellings = {}
+    for text, token_id in zip(tok.all_special_tokens, tok.all_special_ids):
+        byte_ids = tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode()])
+        missing = any(i is None or i == tok.unk_token_id for i in byte_ids)
+        spellings[token_id] = (text, None if missing else byte_ids)
+    return spellings
+
+
+def encode_documents(tok, texts: list[str], keys: list[str], spellings: dict) -> list[list[int]]:
+    """Token ids of each document's text, with no special token in them.
+
+    ``split_special_tokens`` stops the fast tokenizer from matching its added special tokens in
+    the text, but a sentencepiece vocabulary holds ``<s>`` etc. as pieces, and the model itself
+    still picks them; such ids are replaced by the bytes of their text (byte fallback), which
+    decode to the same text."""
+    encoded = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [_spell_out_specials(ids, text, key, spellings) for ids, text, key in zip(encoded, texts, keys)]
+
+
+def _spell_out_specials(ids: list[int], text: str, key: str, spellings: dict) -> list[int]:
+    if spellings.keys().isdisjoint(ids):
+        return ids
+    out = []
+    for token_id in ids:
+        if token_id not in spellings:
+            out.append(token_id)
+            continue
+        literal, byte_ids = spellings[token_id]
+        if byte_ids is not None:
+            out.extend(byte_ids)
+        elif literal in text:
+            raise DataError(f"document {key} contains the text {literal!r}, which this tokenizer can only encode as "
+                            "its special token; use a tokenizer with byte fallback (python -m tnl_training.tokenizer)")
+        else:
+            out.append(token_id)  # e.g. the unknown token of a tokenizer without byte fallback
+    return out
 
 
 class _ShardWriter:
@@ -322,10 +369,11 @@ def prepare_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.PathL
 
     writers = {"train": _ShardWriter(out_dir, "train", dtype, shard_tokens),
                "val": _ShardWriter(out_dir, "val", dtype, shard_tokens)}
+    spellings = _special_spellings(tok)
     batch = 64
     for start in range(0, len(docs), batch):
         chunk = docs[start:start + batch]
-        encoded = tok([text for _, _, text in chunk], add_special_tokens=False)["input_ids"]
+        encoded = encode_documents(tok, [text for _, _, text in chunk], [key for key, _, _ in chunk], spellings)
         for (key, f, _), ids, val in zip(chunk, encoded, is_val[start:start + batch]):
             writers["val" if val else "train"].add(np.asarray([bos, *ids, eos], dtype=np.int64))
     for w in writers.values():

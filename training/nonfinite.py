@@ -5,14 +5,19 @@ How a step is skipped without stepping outside DeepSpeed's bookkeeping: every mi
 runs its backward (all ranks must take part in the gradient reduction), but a non-finite loss is
 turned into NaN before it, so every gradient is NaN. The ZeRO optimizers (stages 1-3) check the
 reduced gradients and skip the whole step on every rank when they are not finite; with ZeRO
-stage 0 the gradients are plain ``.grad`` tensors and are dropped here before the step. The
-ranks agree on "this step is poisoned" through one all-reduce, and after the step
-:meth:`NonFiniteGuard.after_step` checks that DeepSpeed really did not apply it.
+stage 0 the optimizer is the plain torch one, and a one-shot pre-hook on it drops the gradients
+just before it steps (after DeepSpeed's gradient clipping, which needs them). The ranks agree on
+"this step is poisoned" through one all-reduce, and after the step
+:meth:`NonFiniteGuard.after_step` checks that the step really was not applied.
+
+The learning-rate schedule follows the run's step counter on every stage: DeepSpeed does not
+step the scheduler on a step it skipped, so :meth:`NonFiniteGuard.after_step` does.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -39,6 +44,7 @@ class NonFiniteGuard:
         self.first_bad_step = None
         self._inject = injected_steps() if rank == 0 else frozenset()
         self._local_bad = 0
+        self._drop = None  # the pending gradient drop of a poisoned step (plain torch optimizer)
 
     def checked_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """The loss to backpropagate (and log) for one micro-batch of optimizer step ``step`` (1-based)."""
@@ -60,18 +66,22 @@ class NonFiniteGuard:
         dist.all_reduce(flag)
         self._local_bad = 0
         poisoned = float(flag) > 0
-        if poisoned and self.zero_stage == 0:
-            for p in engine.module.parameters():
-                p.grad = None  # torch optimizers leave parameters without a gradient untouched
+        self._drop = None
+        if poisoned and not _skips_nonfinite_steps(engine.optimizer):
+            self._drop = _drop_gradients_at_next_step(engine.optimizer)
         return poisoned
 
     def after_step(self, engine, poisoned: bool, step: int) -> None:
-        """Count the step; raise when DeepSpeed applied a poisoned step anyway (never silently)."""
+        """Count the step and keep the lr schedule on the run's step; raise when a poisoned step was
+        applied anyway (never silently)."""
+        if not engine.was_step_applied():
+            _step_scheduler(engine)  # DeepSpeed skipped the step, and with it the schedule
         if not poisoned:
             self.consecutive = 0
             self.first_bad_step = None
             return
-        if self.zero_stage > 0 and engine.was_step_applied():
+        dropped = self._drop["done"] if self._drop is not None else not engine.was_step_applied()
+        if not dropped:
             raise RuntimeError(
                 f"step {step}: the loss was not finite but DeepSpeed applied the optimizer step; the parameters "
                 "can no longer be trusted. Resume from the last checkpoint.")
@@ -90,3 +100,36 @@ class NonFiniteGuard:
                 f"parameters are those of step {self.first_bad_step - 1}, saved as {checkpoint}. Lower "
                 f"optimizer.lr, raise optimizer.warmup_steps or check the data around these steps, then continue "
                 f"with --resume (the skipped batches are not repeated).")
+
+
+def _skips_nonfinite_steps(optimizer) -> bool:
+    """DeepSpeed's ZeRO / bf16 / fp16 optimizer wrappers check the gradients and skip a non-finite
+    step themselves (reporting it through ``overflow``); a plain torch optimizer (ZeRO-0, fp32) does not."""
+    return hasattr(optimizer, "overflow")
+
+
+def _drop_gradients_at_next_step(optimizer) -> dict:
+    """Make the optimizer's next ``step()`` a no-op by dropping every gradient right before it:
+    torch optimizers leave parameters without a gradient untouched (no moment, step-count or
+    weight-decay update). Dropping them earlier would break DeepSpeed's gradient clipping, which
+    runs between the backward and the optimizer step and needs at least one gradient."""
+    state = {"done": False}
+
+    def drop(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        state["done"] = True
+        handle.remove()
+
+    handle = optimizer.register_step_pre_hook(drop)
+    return state
+
+
+def _step_scheduler(engine) -> None:
+    if engine.lr_scheduler is None:
+        return
+    with warnings.catch_warnings():
+        # torch warns when the scheduler steps before the optimizer ever did (a skipped first step)
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        engine.lr_scheduler.step()

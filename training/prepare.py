@@ -122,7 +122,8 @@ def preflight(cfg: RunConfig, config_file=None, log=print, prepare: bool = True,
                 vocab = cfg.tokenizer.vocab_size or model_cfg["vocab_size"]
                 log(f"training a {vocab}-token {cfg.tokenizer.model_type} tokenizer on {len(train_files)} files "
                     f"-> {tok_dir}")
-                train_tokenizer(train_files, tok_dir, vocab, special, cfg.tokenizer.model_type)
+                train_tokenizer(train_files, tok_dir, vocab, special, cfg.tokenizer.model_type,
+                                character_coverage=cfg.tokenizer.character_coverage)
             index_ok = False
             if (shard_dir / INDEX_NAME).is_file():
                 index = read_index(shard_dir)

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from tnl_model.cpu_allocator import configure_from_env
-from tnl_training.checkpointing import (CHECKPOINTS, RUN_STATE, CheckpointSaveError, convert_to_universal,
-                                        find_resume, remove_partial_saves, save_checkpoint)
+from tnl_training.checkpointing import (CHECKPOINTS, RUN_STATE, CheckpointLoadError, CheckpointSaveError,
+                                        convert_to_universal, find_resume, remove_partial_saves, resume_rng_state,
+                                        save_checkpoint)
 from tnl_training.config import ConfigError, RunConfig, load_config
 from tnl_training.data import TokenRows
 from tnl_training.documents import pack_documents, unpack_rows
@@ -276,6 +277,22 @@ def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, worl
     return float(total[0] / total[1])
 
 
+#: run settings that fix the data order (TokenRows: windows of seq_len + 1 tokens, permuted by seed)
+DATA_ORDER_SETTINGS = ("seed", "seq_len")
+
+
+def check_resume_settings(cfg: RunConfig, run_state: dict, checkpoint: Path) -> None:
+    """Refuse to resume with settings that change the data order: the data cursor would point into a
+    different sequence of rows, repeating text already trained on and skipping other text."""
+    for name in DATA_ORDER_SETTINGS:
+        old, new = run_state.get(name), getattr(cfg, name)
+        if old is not None and old != new:
+            raise ConfigError(f"{name}={new} differs from {name}={old} of checkpoint {checkpoint}: resuming would "
+                              f"change the data order (text already trained on would be repeated, other text "
+                              f"skipped). Resume with {name}={old}, or start a new run (resume=none or another "
+                              f"output_dir)")
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -324,6 +341,9 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     ckpt_dir = output_dir / CHECKPOINTS
     resume_from = find_resume(cfg.resume, ckpt_dir)
     resume_state = json.loads((resume_from / RUN_STATE).read_text()) if resume_from else None
+    if resume_state is not None:
+        check_resume_settings(cfg, resume_state, resume_from)
+    rng_dir = resume_from  # the random states stay in the original tag directory
     universal = bool(resume_state and resume_state["world_size"] != world)
     if universal and is_main:
         resume_from = convert_to_universal(resume_from, log)
@@ -400,6 +420,9 @@ def train(cfg: RunConfig, config_file=None) -> dict:
         + f"train {train_rows.num_tokens:,} tokens"
         + (f", validation {val_rows.num_tokens:,} tokens" if val_rows else ", no validation split"))
 
+    if resume_from is not None:
+        # last before the loop: building and loading above drew from the generators
+        resume_rng_state(rng_dir, resume_state, rank, same_world=not universal, log=log)
     stop = StopSignal()
     bar = None
     if is_main:
@@ -421,6 +444,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
 
     try:
         while step < total_steps:
+            lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves on inside it)
             sums = torch.zeros(4, dtype=torch.float64)
             for m in range(accum):
                 x = torch.from_numpy(train_rows.batch(cursor, m, rank, world, cfg.micro_batch_size)).to(device)
@@ -449,7 +473,6 @@ def train(cfg: RunConfig, config_file=None) -> dict:
             stop_now = packed[4].item() > 0
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            lr = float(engine.get_lr()[0])
             # a skipped step's losses are written as null (JSON has no NaN)
             record = {"type": "train", "step": step, "loss": _finite_or_none(loss), "lm_loss": _finite_or_none(lm),
                       "aux_loss": _finite_or_none(aux), "z_loss": _finite_or_none(z),
@@ -577,7 +600,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"config error: {err}") from None
     try:
         summary = train(cfg, args.config)
-    except (PreflightError, ConfigError) as err:
+    except (PreflightError, ConfigError, CheckpointLoadError) as err:
         raise SystemExit(f"error: {err}") from None
     except (CheckpointSaveError, NonFiniteLossError) as err:
         # the run cannot go on; the message says what is still safe on disk. A rank that failed

@@ -4,7 +4,8 @@
         [--model-config configs/model/small.json] FILE [FILE ...]
 
 The sentencepiece model is trained with identity normalisation and byte fallback (no
-unknown characters, exact round trips), then converted without protobuf into a
+unknown characters, exact round trips; the rarest characters beyond ``character_coverage``
+get no piece of their own and are spelled in bytes), then converted without protobuf into a
 ``tokenizers`` Unigram/BPE pipeline (Metaspace pre-tokenizer, byte-fallback decoder)
 and saved with ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained(out)``
 returns a fast tokenizer. Special ids are fixed at pad=0, bos=1, eos=2, unk=3 by
@@ -23,6 +24,9 @@ from pathlib import Path
 
 SPECIAL_DEFAULTS = {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
 SPECIAL_TEXT = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+#: with byte fallback, characters outside this share of the text need no piece (they become bytes)
+DEFAULT_CHARACTER_COVERAGE = 0.9995
+MIN_CHARACTER_COVERAGE = 0.98
 
 
 class TokenizerError(ValueError):
@@ -55,23 +59,26 @@ def _iter_lines(files: list[str]):
 
 
 def train_sentencepiece(files: list[str], model_prefix: str, vocab_size: int, special_ids: dict[str, int],
-                        model_type: str = "unigram", input_sentence_size: int = 2_000_000, seed: int = 0) -> str:
+                        model_type: str = "unigram", input_sentence_size: int = 2_000_000, seed: int = 0,
+                        character_coverage: float = DEFAULT_CHARACTER_COVERAGE) -> str:
     """Train a sentencepiece model on ``files``; returns the path of the ``.model`` file."""
     import sentencepiece as spm
 
+    if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:
+        raise TokenizerError(f"character_coverage must be in [{MIN_CHARACTER_COVERAGE}, 1] (sentencepiece's range), "
+                             f"got {character_coverage}")
     if not files:
         raise TokenizerError("no text files to train the tokenizer on")
     total = sum(os.path.getsize(f) for f in files)
     if total == 0:
         raise TokenizerError(f"the tokenizer training files are empty: {files}")
-    # A max-size vocab on a small corpus makes sentencepiece fail; say so plainly.
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_iter_lines(files),
             model_prefix=model_prefix,
             vocab_size=vocab_size,
             model_type=model_type,
-            character_coverage=1.0,
+            character_coverage=character_coverage,
             byte_fallback=True,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
@@ -89,8 +96,9 @@ def train_sentencepiece(files: list[str], model_prefix: str, vocab_size: int, sp
             minloglevel=2,
         )
     except RuntimeError as err:
-        raise TokenizerError(f"sentencepiece training failed (vocab_size={vocab_size} may be too large for "
-                             f"{total} bytes of text): {err}") from None
+        # sentencepiece's own message says what is wrong (e.g. more required characters than the vocab holds)
+        raise TokenizerError(f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} and "
+                             f"character_coverage={character_coverage} on {total:,} bytes of text: {err}") from None
     return model_prefix + ".model"
 
 
@@ -212,8 +220,10 @@ def _proto_varint_field(buf: bytes, number: int):
 
 
 def train_tokenizer(files: list[str], out_dir: str | os.PathLike, vocab_size: int,
-                    special_ids: dict[str, int] | None = None, model_type: str = "unigram", seed: int = 0):
-    """Train on ``files`` and save an AutoTokenizer-loadable directory atomically; returns the tokenizer."""
+                    special_ids: dict[str, int] | None = None, model_type: str = "unigram", seed: int = 0,
+                    character_coverage: float = DEFAULT_CHARACTER_COVERAGE):
+    """Train on ``files`` and save an AutoTokenizer-loadable directory atomically; returns the tokenizer.
+    ``character_coverage``: the share of the text's characters that get a piece; the rest are spelled in bytes."""
     special_ids = dict(special_ids or SPECIAL_DEFAULTS)
     if vocab_size < 256 + len(special_ids) + 8:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces "
@@ -226,7 +236,8 @@ def train_tokenizer(files: list[str], out_dir: str | os.PathLike, vocab_size: in
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model_file = train_sentencepiece(files, str(tmp / "tokenizer"), vocab_size, special_ids, model_type, seed=seed)
+        model_file = train_sentencepiece(files, str(tmp / "tokenizer"), vocab_size, special_ids, model_type, seed=seed,
+                                         character_coverage=character_coverage)
         fast = to_fast_tokenizer(model_file, special_ids)
         fast.save_pretrained(str(tmp))
         if out_dir.exists():
@@ -255,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-config", default=None, help="model config.json giving vocab size and special ids")
     parser.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--character-coverage", type=float, default=DEFAULT_CHARACTER_COVERAGE,
+                        help="share of the characters that get a piece; rarer ones are spelled in bytes")
     args = parser.parse_args(argv)
     special = SPECIAL_DEFAULTS
     vocab_size = args.vocab_size
@@ -266,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     if vocab_size is None:
         parser.error("give --vocab-size or --model-config")
     try:
-        tok = train_tokenizer(args.files, args.out, vocab_size, special, args.model_type, args.seed)
+        tok = train_tokenizer(args.files, args.out, vocab_size, special, args.model_type, args.seed,
+                              args.character_coverage)
     except TokenizerError as err:
         raise SystemExit(f"error: {err}") from None
     sample = "To be, or not to be, that is the question."

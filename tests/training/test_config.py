@@ -101,3 +101,42 @@ def test_lr_schedules(schedule):
         assert values[50] == 1.0 and values[79] == 1.0 and values[90] < 1.0 and values[100] == pytest.approx(0.1)
     else:
         assert values[100] == 1.0
+
+
+def test_max_tokens_must_agree_with_max_steps(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    base = ["data.text_files=[x]", "max_tokens=10000", "seq_len=100", "micro_batch_size=4"]
+    # max_steps keeps its default (1000): the budget (25 steps) is not silently ignored
+    with pytest.raises(ConfigError, match=r"max_steps=1000 and max_tokens=10000 disagree: max_tokens is 25 steps"):
+        load_config(None, base)
+    with pytest.raises(ConfigError, match=r"max_steps=24 and max_tokens=10000 disagree"):
+        load_config(None, [*base, "max_steps=24"])
+    assert load_config(None, [*base, "max_steps=25"]).total_steps(world_size=1) == 25  # they agree
+    assert load_config(None, [*base, "max_steps=null"]).total_steps(world_size=1) == 25
+    monkeypatch.setenv("WORLD_SIZE", "5")  # as the launcher sets it: 5 x 4 x 100 tokens per step
+    assert load_config(None, [*base, "max_steps=5"]).total_steps(world_size=5) == 5
+    with pytest.raises(ConfigError, match="max_steps=25 and max_tokens=10000 disagree"):
+        load_config(None, [*base, "max_steps=25"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.val_files=[*_val.txt]", ["*_val.txt"]),  # "*" starts a YAML alias
+    ("data.val_files=[*_val.txt, b.txt]", ["*_val.txt", "b.txt"]),
+    ("data.val_files=[a.txt,*_val.txt]", ["a.txt", "*_val.txt"]),
+    ("data.val_files=[*_val.txt, 'c d.txt']", ["*_val.txt", "c d.txt"]),
+    ("data.val_files=*_val.txt", ["*_val.txt"]),
+    ("data.text_files=[&x.txt]", ["&x.txt"]),  # "&" starts a YAML anchor
+])
+def test_list_override_with_yaml_alias_characters(override, expected):
+    cfg = load_config(None, ["data.text_files=[x]", override])
+    key = override.split("=", 1)[0].split(".")[1]
+    assert getattr(cfg.data, key) == expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.val_files=[*a.txt,,b.txt]", "data.val_files: the list .* has an empty item"),
+    ("data.val_files={*a: 1}", r"data.val_files: cannot read '\{\*a: 1\}'"),
+])
+def test_unreadable_list_override_is_an_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.text_files=[x]", override])

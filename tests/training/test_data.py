@@ -187,3 +187,29 @@ def test_data_cli_writes_the_same_shards_as_the_library(tmp_path, tokenizer_dir)
     proc = subprocess.run(cmd[:4] + ["--tokenizer", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "tokenizer" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_special_token_text_in_documents_is_ordinary_text(tmp_path, model_type):
+    # HTML's strike-through tag is "<s>": it must not become a BOS in the middle of a document
+    # (nor "</s>" an EOS), or document masking would cut the document there
+    from transformers import AutoTokenizer
+
+    files = write_corpus(tmp_path / "texts", n_docs=2)
+    tok_dir = tmp_path / "tok"
+    train_tokenizer(files, tok_dir, 512, special_ids_from_model_config(TINY), model_type=model_type)
+    texts = ["The price was <s>100</s> 80 dollars. Use <pad> and <unk> carefully.\n", "<s>", "x</s>",
+             "a <s>b</s> <pad><unk> c"]
+    docs = []
+    for i, text in enumerate(texts):
+        docs.append(tmp_path / f"doc{i}.txt")
+        docs[-1].write_text(text)
+    index = prepare_shards(docs, tok_dir, tmp_path / "shards", val_fraction=0.0, log=lambda m: None)
+    (shard,) = open_split(tmp_path / "shards", "train")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    assert shard.num_docs == len(texts)
+    for i, text in enumerate(texts):
+        doc = shard.document(i).tolist()
+        assert doc[0] == index["bos_token_id"] and doc[-1] == index["eos_token_id"]
+        assert not set(doc[1:-1]) & set(tok.all_special_ids), (text, doc)
+        assert tok.decode(doc[1:-1]) == text

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from tnl_training.checkpointing import CheckpointSaveError, check_free_space, checkpoint_tags, save_checkpoint
+from tnl_training.config import load_config
 from tnl_training.export import consolidated_state_dict
 from tnl_training.metrics import read_metrics
 from tnl_training.nonfinite import INJECT_ENV
+from tnl_training.pretrain import lr_lambda
 from tnl_training.testing import REPO, launch_cmd, run_env, write_run_config
 
 pytestmark = pytest.mark.slow
@@ -32,6 +34,8 @@ def _train(cfg_path, env_extra=None, extra=(), preexec_fn=None, nproc=2):
 
 
 def _weights(ckpt_dir, tag):
+    if not list((ckpt_dir / tag).glob("*optim_states.pt")):  # ZeRO-0: whole fp32 weights, no partitions
+        return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     return consolidated_state_dict(ckpt_dir, tag)
 
 
@@ -43,7 +47,7 @@ def _train_records(run_dir):
     return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", "train")}
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_nonfinite_loss_skips_the_step_on_every_rank(prepared_corpus, tmp_path, zero_stage):
     run_dir = tmp_path / "run"
     cfg = write_run_config(tmp_path / "run.yaml", prepared_corpus, output_dir=str(run_dir), zero_stage=zero_stage,
@@ -63,6 +67,11 @@ def test_nonfinite_loss_skips_the_step_on_every_rank(prepared_corpus, tmp_path, 
     assert records[10]["skipped_steps"] == 3
     assert json.loads((ckpts / "step10" / "run_state.json").read_text())["skipped_steps"] == 3
     assert "step 8: loss is not finite" in proc.stdout and "2 in a row, 3 in all" in proc.stdout
+    # the lr schedule follows the run's step on every stage: a skipped step does not hold it back
+    run_cfg = load_config(cfg)
+    schedule = lr_lambda(run_cfg, run_cfg.total_steps(world_size=2))
+    assert [records[s]["lr"] for s in range(1, 11)] == pytest.approx(
+        [run_cfg.optimizer.lr * schedule(s - 1) for s in range(1, 11)], rel=1e-12)
 
 
 def test_too_many_nonfinite_losses_stop_with_a_good_checkpoint(prepared_corpus, tmp_path):

@@ -57,3 +57,33 @@ def test_bad_tokenizer_inputs(tmp_path):
         train_tokenizer([tmp_path / "missing.txt"], tmp_path / "t", 512)
     with pytest.raises(TokenizerError, match="too small"):
         train_tokenizer([empty], tmp_path / "t", 100)
+
+
+CJK = [chr(0x4E00 + i) for i in range(300)]  # 300 distinct ideographs
+
+
+def test_many_rare_characters_fit_a_small_vocab_through_byte_fallback(tmp_path):
+    # mostly English text quoting ~300 distinct CJK characters: with character_coverage=1.0 each of
+    # them needed its own piece (300 + 256 bytes + 4 specials > 512) and training failed
+    files = write_corpus(tmp_path / "texts", n_docs=10, lines=1000)
+    quotes = tmp_path / "texts" / "quotes.txt"
+    quotes.write_text("".join(f"VIOLA. she wrote {''.join(CJK[i:i + 10])}\n" for i in range(0, len(CJK), 10)))
+    tok = train_tokenizer(files + [quotes], tmp_path / "tok", 512)
+    assert len(tok) <= 512
+    text = "Viola greets the duke: " + "".join(CJK[5:40])
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and tok.unk_token_id not in ids  # rare characters are spelled in bytes
+
+
+def test_tokenizer_training_error_passes_on_sentencepiece_reason(tmp_path):
+    # every character equally frequent: none is rare enough to leave out, so 512 cannot hold them
+    rng = __import__("random").Random(0)
+    text = tmp_path / "zh.txt"
+    text.write_text("".join("".join(rng.choice(CJK) for _ in range(40)) + "\n" for _ in range(2000)))
+    with pytest.raises(TokenizerError) as info:
+        train_tokenizer([text], tmp_path / "tok", 512)
+    message = str(info.value)
+    assert "Vocabulary size is smaller than required_chars" in message and "character_coverage=0.9995" in message
+    assert "too large" not in message
+    with pytest.raises(TokenizerError, match=r"character_coverage must be in \[0.98, 1\]"):
+        train_tokenizer([text], tmp_path / "tok", 512, character_coverage=0.5)
