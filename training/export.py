@@ -4,7 +4,7 @@
 
 ``CKPT`` is a run directory, its ``checkpoints/`` directory or one checkpoint tag
 directory. The ZeRO partitions (stage 1, 2 or 3, any world size) are consolidated into
-fp32 weights with DeepSpeed's ``zero_to_fp32``, loaded into ``TNLForCausalLM`` (every key
+fp32 weights with DeepSpeed's ``zero_to_fp32`` (stage 0 keeps whole weights and needs none), loaded into ``TNLForCausalLM`` (every key
 checked) and written with ``save_pretrained`` (safetensors) together with the tokenizer,
 so ``AutoModelForCausalLM.from_pretrained(DST)`` and ``AutoTokenizer.from_pretrained(DST)``
 load it. The directory is written under a temporary name and renamed when complete.
@@ -41,10 +41,31 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from every ZeRO partition of checkpoint ``tag``."""
+    """fp32 weights of checkpoint ``tag``, gathered from every ZeRO partition (stages 1-3).
+
+    ZeRO stage 0 writes no partitions (the optimizer state sits in the model-states file) and
+    DeepSpeed's ``zero_to_fp32`` cannot read such a checkpoint: there the module's own weights,
+    which are the optimizer's weights, are the result.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    stage0 = _stage0_module_weights(Path(ckpt_dir) / tag)
+    if stage0 is not None:
+        return stage0
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def _stage0_module_weights(tag_dir: Path) -> dict[str, torch.Tensor] | None:
+    model_states = tag_dir / "mp_rank_00_model_states.pt"
+    if any(tag_dir.glob("*optim_states.pt")) or not model_states.is_file():
+        return None
+    try:
+        states = torch.load(model_states, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same named error
+        raise ExportError(f"cannot read {model_states}: {err}") from None
+    if states.get("param_shapes") is not None:
+        return None  # a ZeRO checkpoint whose partition files are missing: let zero_to_fp32 name them
+    return {name: tensor.float() for name, tensor in states["module"].items()}
 
 
 def export_checkpoint(ckpt: str | os.PathLike, dst: str | os.PathLike, tag: str | None = None,

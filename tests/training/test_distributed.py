@@ -95,6 +95,17 @@ def test_zero3_loss_falls(prepared_corpus, tmp_path):
     assert summary["export_max_abs_logit_diff"] < 1e-5
 
 
+def test_zero0_run_exports_the_trained_weights(prepared_corpus, tmp_path):
+    """ZeRO stage 0 saves no partitions, which DeepSpeed's zero_to_fp32 cannot read: the run's
+    final export must still work and equal the engine."""
+    cfg = write_run_config(tmp_path / "run.yaml", prepared_corpus, output_dir=str(tmp_path / "run"), zero_stage=0,
+                           max_steps=3, checkpoint_interval=3, eval_interval=100, export=True)
+    proc = run_training(1, ["--config", str(cfg)], log=tmp_path / "log.txt")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["export_max_abs_logit_diff"] < 1e-5
+
+
 def _wait_for_step(metrics, step, proc, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -34,8 +34,6 @@ def _train(cfg_path, env_extra=None, extra=(), preexec_fn=None, nproc=2):
 
 
 def _weights(ckpt_dir, tag):
-    if not list((ckpt_dir / tag).glob("*optim_states.pt")):  # ZeRO-0: whole fp32 weights, no partitions
-        return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     return consolidated_state_dict(ckpt_dir, tag)
 
 
