@@ -60,8 +60,9 @@ _HEAD = struct.Struct("<8sIIQQI")  # magic, version, itemsize, n_tokens, n_docs,
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
 #: how document text becomes tokens; part of the shard fingerprint, so shards made before a
-#: change are re-tokenized (2: special-token text is spelled in ordinary tokens)
-TEXT_ENCODING = 2
+#: change are re-tokenized (2: special-token text is spelled in ordinary tokens; 3: so is text
+#: that spells a byte piece, such as "<0x41>")
+TEXT_ENCODING = 3
 
 
 class DataError(ValueError):
@@ -271,6 +272,34 @@ def _special_spellings(tok) -> dict[int, tuple[str, list[int] | None]]:
     return spellings
 
 
+def _byte_piece_spellings(tok) -> dict[int, tuple[str, list[int]]]:
+    """Each byte-fallback piece id -> (its text, such as ``<0x41>``, the byte ids that spell that text).
+
+    The fast tokenizer matches such text in a document as the byte piece itself, which decodes to
+    the byte (``A``), not to the text that was there."""
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    ids = tok.convert_tokens_to_ids(pieces)
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        return {}  # no byte fallback
+    byte_id = dict(zip(range(256), ids))
+    return {i: (piece, [byte_id[b] for b in piece.encode()]) for piece, i in zip(pieces, ids)}
+
+
+def _spell_out_byte_pieces(ids: list[int], spans, text: str, byte_spellings: dict) -> list[int]:
+    """Replace a byte piece that the text spelled out literally (its span reads ``<0x41>``) by the
+    bytes of that text. A genuine fallback byte spans the one character it is part of."""
+    if spans is None or byte_spellings.keys().isdisjoint(ids):
+        return ids
+    out = []
+    for token_id, (start, stop) in zip(ids, spans):
+        spelling = byte_spellings.get(token_id)
+        if spelling is not None and text[start:stop] == spelling[0]:
+            out.extend(spelling[1])
+        else:
+            out.append(token_id)
+    return out
+
+
 def encode_documents(tok, texts: list[str], keys: list[str], spellings: dict) -> list[list[int]]:
     """Token ids of each document's text, with no special token in them.
 
@@ -278,8 +307,11 @@ def encode_documents(tok, texts: list[str], keys: list[str], spellings: dict) ->
     the text, but a sentencepiece vocabulary holds ``<s>`` etc. as pieces, and the model itself
     still picks them; such ids are replaced by the bytes of their text (byte fallback), which
     decode to the same text."""
-    encoded = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return [_spell_out_specials(ids, text, key, spellings) for ids, text, key in zip(encoded, texts, keys)]
+    encoded = tok(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=tok.is_fast)
+    all_spans = encoded["offset_mapping"] if tok.is_fast else [None] * len(texts)
+    byte_spellings = _byte_piece_spellings(tok)
+    return [_spell_out_specials(_spell_out_byte_pieces(ids, spans, text, byte_spellings), text, key, spellings)
+            for ids, spans, text, key in zip(encoded["input_ids"], all_spans, texts, keys)]
 
 
 def _spell_out_specials(ids: list[int], text: str, key: str, spellings: dict) -> list[int]:

@@ -199,7 +199,9 @@ def test_special_token_text_in_documents_is_ordinary_text(tmp_path, model_type):
     tok_dir = tmp_path / "tok"
     train_tokenizer(files, tok_dir, 512, special_ids_from_model_config(TINY), model_type=model_type)
     texts = ["The price was <s>100</s> 80 dollars. Use <pad> and <unk> carefully.\n", "<s>", "x</s>",
-             "a <s>b</s> <pad><unk> c"]
+             "a <s>b</s> <pad><unk> c",
+             # text that spells a byte piece must stay that text, next to genuine fallback bytes
+             "bytes spelled out: <0x41><0xC3> \u00e9 \u2603 \u4e2d"]
     docs = []
     for i, text in enumerate(texts):
         docs.append(tmp_path / f"doc{i}.txt")
