@@ -178,6 +178,9 @@ class TNLConfig(PreTrainedConfig):
         rope_type = self.rope_parameters.get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"rope_parameters.rope_type: only 'default' RoPE is supported, got {rope_type!r}")
+        theta = self.rope_parameters.get("rope_theta", self.default_theta)
+        if not _is_number(theta) or theta <= 0:  # the rotary frequencies are theta ** (-2i / dim)
+            raise ValueError(f"rope_theta (rope_parameters.rope_theta) must be a number > 0, got {theta!r}")
         chunk = self.prefill_chunk_size
         if chunk is not None and (not _is_int(chunk) or chunk <= 0):
             raise ValueError(f"prefill_chunk_size must be a positive integer or None, got {chunk!r}")

@@ -58,6 +58,8 @@ def test_inconsistent_values_raise_value_error_naming_the_field(fields, field_na
         (dict(shared_intermediate_size=None), "shared_intermediate_size"),
         (dict(shared_intermediate_size=1.5), "shared_intermediate_size"),
         (dict(router_jitter_noise="0.1"), "router_jitter_noise"),
+        (dict(rope_theta=0), "rope_theta"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "rope_theta"),
     ],
 )
 def test_values_that_would_fail_later_raise_value_error_naming_the_field(fields, field_named):
