@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tnl-installed
 
-.PHONY: demo quickstart test env clean
+.PHONY: demo quickstart test env deps-report clean
 
 $(STAMP): setup.py scripts/setup_env.sh
 	PYTHON=$(PYTHON) bash scripts/setup_env.sh $(VENV)
@@ -22,6 +22,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The resolved versions of torch, triton, transformers, kernels, deepspeed, ... (CI prints them first).
+deps-report: $(STAMP)
+	$(BIN)/python scripts/deps_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -1,26 +1,27 @@
 """Packaging for tnl-model.
 
-The three source folders are installed under import names that cannot collide
-with other distributions (DESIGN.md section 1): ``kernels/`` -> ``tnl_kernels``
-(Hugging Face ships a distribution importable as ``kernels``) and ``training/`` ->
-``tnl_training``. Subpackages are discovered, never listed by hand, so a new
-folder can't silently fall out of the wheel.
+Each top-level source folder holds exactly one import package whose name is its folder
+name (DESIGN.md section 1): ``tnl_model/``, ``kernels/tnl_kernels/``,
+``training/tnl_training/``. ``kernels/`` and ``training/`` are plain folders, not
+packages, so nothing at the repo root can shadow Hugging Face's ``kernels``
+distribution (which transformers >= 5.25 requires) whatever directory Python starts in.
+Subpackages are discovered, never listed by hand, so a new folder can't silently fall
+out of the wheel.
 """
 
 from setuptools import find_packages, setup
 
-FOLDER_OF_PACKAGE = {"tnl_model": "tnl_model", "tnl_kernels": "kernels", "tnl_training": "training"}
+# import package -> the folder that holds it
+SOURCE_ROOTS = {"tnl_model": ".", "tnl_kernels": "kernels", "tnl_training": "training"}
 
 
 def discover_packages():
-    """Every package and subpackage under the three folders, with its folder mapping."""
+    """Every package and subpackage under the three source roots, with its folder mapping."""
     packages, package_dir = [], {}
-    for name, folder in FOLDER_OF_PACKAGE.items():
-        packages.append(name)
-        package_dir[name] = folder
-        for sub in find_packages(where=folder):
-            packages.append(f"{name}.{sub}")
-            package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
+    for name, root in SOURCE_ROOTS.items():
+        for found in find_packages(where=root, include=[name, f"{name}.*"]):
+            packages.append(found)
+            package_dir[found] = f"{root}/{found.replace('.', '/')}".removeprefix("./")
     return packages, package_dir
 
 
@@ -38,7 +39,8 @@ setup(
     packages=packages,
     package_dir=package_dir,
     include_package_data=True,
-    package_data={"tnl_training": ["*.yaml"]},
+    # Ranges: lower bounds are the oldest releases this suite has passed on; upper bounds
+    # only where a known break exists (transformers 6 is a new major API).
     install_requires=[
         # torch is declared loosely so that an existing install (CPU or CUDA) is kept.
         "torch>=2.4",
@@ -59,7 +61,6 @@ setup(
     entry_points={"console_scripts": ["tnl=tnl_model.cli:main", "tnl-pretrain=tnl_training.pretrain:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

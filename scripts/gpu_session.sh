@@ -12,9 +12,10 @@
 # brings back at most 8 files).
 #
 # The device image has torch and triton but an older transformers and no flash-linear-attention.
-# Before the call, fetch pure-Python wheels into .whl/ (ignored by git) from this machine:
+# Before the call, fetch pure-Python wheels into .whl/ (ignored by git) from this machine
+# (transformers >= 5.25 requires Hugging Face's `kernels` distribution, so it comes along):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl transformers==5.24.0 fla-core
+#       --platform manylinux_2_28_x86_64 -d .whl transformers==5.25.0 kernels==0.19.1 fla-core
 # then run it with carry [".whl"]:  bash scripts/gpu_session.sh   (timeout_s 600; about 9 minutes)
 # A session has 15 minutes of device time in all, start included, so a whole second run does not
 # fit: name steps to run only those again, e.g.  bash scripts/gpu_session.sh operator minimax
@@ -35,12 +36,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# The three import packages straight from the checkout (no install step needs the network).
-mkdir -p /tmp/tnl-pkgs
-ln -sfn "$PWD/kernels" /tmp/tnl-pkgs/tnl_kernels
-ln -sfn "$PWD/tnl_model" /tmp/tnl-pkgs/tnl_model
-ln -sfn "$PWD/training" /tmp/tnl-pkgs/tnl_training
-export PYTHONPATH=/tmp/tnl-pkgs:$PYTHONPATH
+# The three import packages straight from the checkout (no install step needs the network):
+# each source root holds one package named as it is imported (DESIGN.md section 1).
+export PYTHONPATH=$PWD:$PWD/kernels:$PWD/training${PYTHONPATH:+:$PYTHONPATH}
 
 LOG=$OUT/session.log
 {

@@ -1,6 +1,6 @@
 """tnl_training: DeepSpeed ZeRO pretraining of TNL models (DESIGN.md section 2)."""
 
-# Entry points (run as modules, never with the repo root on sys.path):
+# Entry points (run as modules, from any directory):
 #   python -m tnl_training.tokenizer   train a sentencepiece tokenizer -> AutoTokenizer directory
 #   python -m tnl_training.data        tokenize text/JSONL into checksummed memory-mapped shards
 #   python -m tnl_training.corpus      fetch and cache the Shakespeare demo corpus
