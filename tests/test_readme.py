@@ -17,6 +17,7 @@ COVERAGE = {
     "make test": "ci",
     "make quickstart": "ci",
     "make demo": "ci",
+    "make deps-report": "ci",
     ".venv/bin/deepspeed --num_gpus 2 --module tnl_training.pretrain --config configs/train/demo-cpu.yaml": "ci",
     "tnl info configs/model/minimax-text-01.json": "tests/ecosystem/test_cli.py::test_info_on_the_minimax_config",
     "tnl info": "tests/ecosystem/test_cli.py::test_info_on_a_model_directory",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "model" / "tiny.json"
 ENGINE = REPO / "configs" / "deepspeed" / "engine.json"
 
