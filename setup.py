@@ -56,7 +56,8 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.16,<1", "matplotlib>=3.7", "tensorboard>=2.14"],
         "gpu": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "accelerate>=1.0", "peft>=0.13"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "accelerate>=1.0", "peft>=0.13",
+                 "lm-eval>=0.4.13", "parameterized>=0.9"],
     },
     entry_points={"console_scripts": ["tnl=tnl_model.cli:main", "tnl-pretrain=tnl_training.pretrain:main"]},
     classifiers=[

@@ -1,19 +1,17 @@
-"""Reading and writing TNL layer state in transformers' hybrid ``DynamicCache``.
+"""TNL layers in transformers' hybrid ``DynamicCache``.
 
-``DynamicCache(config=...)`` builds a ``LinearAttentionLayer`` for every
-``"linear_attention"`` entry of ``config.layer_types`` and a key/value
-``DynamicLayer`` for softmax layers, so beam reordering, batch selection and
-offloading come from transformers. The linear layer's bookkeeping is made for
-conv + recurrent states, so the recurrent-only use here goes through these
-helpers: the fp32 state lives in ``recurrent_states[0]``.
-
-The softmax layers' ``DynamicLayer`` concatenates on every update, copying the whole
-key/value cache once per generated token; :func:`use_growing_kv_layers` swaps in
-:class:`GrowingKeyValueLayer`, which appends into spare capacity instead.
+``DynamicCache(config=...)`` builds a generic ``LinearAttentionLayer`` for every
+``"linear_attention"`` entry of ``config.layer_types`` and a key/value ``DynamicLayer`` for
+softmax layers; beam reordering, batch selection and offloading come from transformers.
+:func:`prepare_cache` gives each lightning layer a :class:`~tnl_model.lightning_cache.LightningStateLayer`
+(fp32 state, token count, exact rollback) and each softmax layer a :class:`GrowingKeyValueLayer`,
+which appends into spare capacity instead of copying the whole key/value cache once per token.
 """
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+
+from .lightning_cache import LightningStateLayer
 
 
 def check_cache_type(cache) -> None:
@@ -33,75 +31,35 @@ def check_cache_type(cache) -> None:
     )
 
 
-def fill_empty_cache(cache: Cache | None, config) -> None:
-    """Give a plain ``DynamicCache()`` (no layers yet) the layers ``DynamicCache(config=config)`` builds.
+def prepare_cache(cache: Cache | None, config) -> None:
+    """Give ``cache`` (in place, so the caller's object is the one updated) the layers this model uses.
 
-    Filled in place, so the object the caller holds is the one that is updated. A plain cache would
-    otherwise grow key/value layers on demand, which have no room for a lightning layer's state.
+    A plain ``DynamicCache()`` (no layers yet) gets the layers ``DynamicCache(config=config)`` builds; it
+    would otherwise grow key/value layers on demand, with no room for a lightning layer's state.
     """
-    if cache is None or cache.layers:
+    if cache is None:
         return
-    cache.layers.extend(DynamicCache(config=config).layers)
-    cache.layer_class_to_replicate = None  # as a config-built cache: every layer exists from the start
+    check_cache_type(cache)
+    if not cache.layers:
+        cache.layers.extend(DynamicCache(config=config).layers)
+        cache.layer_class_to_replicate = None  # as a config-built cache: every layer exists from the start
+    if len(cache.layers) != len(config.layer_types):
+        raise TypeError(f"the cache has {len(cache.layers)} layers but the model has {len(config.layer_types)}: "
+                         "build the cache with DynamicCache(config=model.config)")
+    for idx, kind in enumerate(config.layer_types):
+        layer = cache.layers[idx]
+        expected = LinearAttentionCacheLayerMixin if kind == "linear_attention" else DynamicLayer
+        if not isinstance(layer, expected):
+            raise TypeError(f"cache layer {idx} is a {type(layer).__name__}, but the model's layer {idx} is "
+                             f"{kind!r}: build the cache with DynamicCache(config=model.config)")
+        if kind == "linear_attention" and not isinstance(layer, LightningStateLayer):
+            cache.layers[idx] = LightningStateLayer.adopt(layer)
+    use_growing_kv_layers(cache, config.layer_types)
 
 
-def _linear_layer(cache: Cache, layer_idx: int):
-    if layer_idx >= len(cache.layers):
-        raise TypeError(
-            f"the cache has {len(cache.layers)} layers but the model's layer {layer_idx} is a lightning layer: "
-            "build the cache with DynamicCache(config=model.config)"
-        )
-    layer = cache.layers[layer_idx]
-    if not isinstance(layer, LinearAttentionCacheLayerMixin):
-        raise TypeError(
-            f"cache layer {layer_idx} is a {type(layer).__name__}, but the model's layer {layer_idx} is a lightning "
-            "layer: build the cache with DynamicCache(config=model.config)"
-        )
-    return layer
-
-
-def get_linear_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
-    """The fp32 recurrent state ``[B, H, D, E]`` of a lightning layer, or None before the first token."""
-    if cache is None:
-        return None
-    layer = _linear_layer(cache, layer_idx)
-    if not layer.is_recurrent_states_initialized[0] or not layer.has_previous_state[0]:
-        return None
-    return layer.recurrent_states[0]
-
-
-def set_linear_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> None:
-    """Store a lightning layer's state (kept fp32 whatever the model dtype)."""
-    layer = _linear_layer(cache, layer_idx)
-    state = state.detach().float()
-    current = layer.recurrent_states[0]
-    if current is not None and current.shape != state.shape:
-        # The batch changed (e.g. a new prompt batch reusing the cache object): start a fresh buffer.
-        layer.is_recurrent_states_initialized[0] = False
-    layer.update_recurrent_state(state, 0)
-    layer.device, layer.dtype = state.device, state.dtype
-    layer.has_previous_state[0] = True
-
-
-def mark_linear_state_updated(cache: Cache, layer_idx: int) -> None:
-    """After an in-place decode step on the cached buffer."""
-    _linear_layer(cache, layer_idx).has_previous_state[0] = True
-
-
-def past_length(cache: Cache | None, layer_types: list[str]) -> int:
-    """Tokens already in the cache, read from the first softmax layer (linear layers keep no length)."""
-    if cache is None:
-        return 0
-    for idx, kind in enumerate(layer_types):
-        if kind == "full_attention":
-            return cache.get_seq_length(idx) if idx < len(cache.layers) else 0
-    return getattr(cache, "_tnl_seen_tokens", 0)
-
-
-def add_seen_tokens(cache: Cache | None, count: int) -> None:
-    """All-linear models have no KV layer to count tokens in; keep the count on the cache object."""
-    if cache is not None:
-        cache._tnl_seen_tokens = getattr(cache, "_tnl_seen_tokens", 0) + count
+def lightning_layer(cache: Cache | None, layer_idx: int) -> LightningStateLayer | None:
+    """The cache entry of lightning layer ``layer_idx`` (after :func:`prepare_cache`), or None without a cache."""
+    return None if cache is None else cache.layers[layer_idx]
 
 
 class GrowingKeyValueLayer(DynamicLayer):

@@ -10,6 +10,7 @@ Every inconsistent value raises ``ValueError`` naming the field.
 import math
 
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -110,7 +111,8 @@ class TNLConfig(PreTrainedConfig):
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rotary_dim is None:
-            self.rotary_dim = self.head_dim
+            factor = (self.rope_parameters or {}).get("partial_rotary_factor")
+            self.rotary_dim = self.head_dim if factor is None else int(round(self.head_dim * factor))
         if self.layer_types is None:
             self.layer_types = minimax_layer_pattern(self.num_hidden_layers)
         if self.mlp_layer_types is None:
@@ -118,9 +120,15 @@ class TNLConfig(PreTrainedConfig):
         if self.dense_intermediate_size is None:
             self.dense_intermediate_size = self.intermediate_size
         super().__post_init__(**kwargs)
-        if self.rope_parameters is None:
+        if not self.rope_parameters:
             self.rope_parameters = {"rope_type": "default", "rope_theta": self.default_theta}
+        self.rope_parameters.setdefault("rope_type", "default")
+        self.rope_parameters.setdefault("rope_theta", self.default_theta)
         self.validate_tnl()
+        # transformers' RoPE functions size the rotated part as int(head_dim * partial_rotary_factor):
+        # rotary_dim is the field that holds it, the factor is derived (rounded up past float error).
+        self.rope_parameters["partial_rotary_factor"] = partial_rotary_factor(self.rotary_dim, self.head_dim)
+        self.validate_rope()
 
     def _accept_original_minimax_names(self, kwargs: dict) -> None:
         """Map MiniMax-Text-01's original config spellings onto this config's fields."""
@@ -176,8 +184,9 @@ class TNLConfig(PreTrainedConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         rope_type = self.rope_parameters.get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope_parameters.rope_type: only 'default' RoPE is supported, got {rope_type!r}")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"rope_parameters.rope_type must be 'default' or one of transformers' "
+                             f"{sorted(ROPE_INIT_FUNCTIONS)}, got {rope_type!r}")
         theta = self.rope_parameters.get("rope_theta", self.default_theta)
         if not _is_number(theta) or theta <= 0:  # the rotary frequencies are theta ** (-2i / dim)
             raise ValueError(f"rope_theta (rope_parameters.rope_theta) must be a number > 0, got {theta!r}")
@@ -227,6 +236,14 @@ class TNLConfig(PreTrainedConfig):
     @property
     def num_experts_layers(self) -> int:
         return sum(t == "sparse" for t in self.mlp_layer_types)
+
+
+def partial_rotary_factor(rotary_dim: int, head_dim: int) -> float:
+    """The smallest float ``f`` with ``int(head_dim * f) == rotary_dim`` (``rotary_dim / head_dim`` can fall short)."""
+    factor = rotary_dim / head_dim
+    while int(head_dim * factor) < rotary_dim:
+        factor = math.nextafter(factor, 2.0)
+    return factor
 
 
 def _is_int(value) -> bool:

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from tnl_kernels import build_slopes, lightning_attn, lightning_attn_decode
 
-from .cache_glue import get_linear_state, mark_linear_state_updated, set_linear_state
+from .cache_glue import lightning_layer
 from .norms import RMSNorm, SimpleRMSNorm
 
 
@@ -63,35 +63,43 @@ class TNLLightningAttention(nn.Module):
             k, v = k * keep, v * keep
         return q, k, v
 
-    def forward(self, x, token_mask=None, cache=None, cu_seqlens=None, **unused):
-        """x ``[B, T, hidden]``; token_mask ``[B, T]`` (1 = real token) or None."""
+    def forward(self, x, token_mask=None, cache=None, cu_seqlens=None, output_attentions=False, **unused):
+        """x ``[B, T, hidden]``; token_mask ``[B, T]`` (1 = real token) or None.
+
+        Returns ``(output, state)``: ``state`` is the fp32 recurrent state after these tokens when
+        ``output_attentions`` asks for it (transformers' MiniMax convention for a lightning layer's
+        "attention weights"), else None.
+        """
         batch, length, _ = x.shape
         q, k, v = self._project_qkv(x, token_mask)
         slopes = self.slopes(x.device)
-        state = get_linear_state(cache, self.layer_idx)
+        cached = lightning_layer(cache, self.layer_idx)
+        state = None
+        if cached is not None:
+            state = cached.state
+            cached.begin_update(k, v, slopes)
         if state is not None and length == 1 and cu_seqlens is None:
             if torch.is_grad_enabled():
                 state = state.clone()  # keep the cached tensor out of any autograd graph
             out = lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state, backend=self.backend).unsqueeze(1)
+            final_state = state
             if torch.is_grad_enabled():
-                set_linear_state(cache, self.layer_idx, state)
-            else:
-                mark_linear_state_updated(cache, self.layer_idx)
+                cached.store(state)
         else:
             if state is not None and torch.is_grad_enabled():
-                # The kernel saves initial_state for backward and set_linear_state below writes the new
-                # state into the cached buffer in place: hand the kernel its own copy.
+                # The kernel saves initial_state for backward and the decode step writes the cached
+                # buffer in place: hand the kernel its own copy.
                 state = state.clone()
             out, final_state = lightning_attn(
                 q, k, v, slopes,
                 initial_state=state,
-                output_final_state=cache is not None,
+                output_final_state=cached is not None or output_attentions,
                 cu_seqlens=cu_seqlens,
                 backend=self.backend,
             )
-            if cache is not None:
-                set_linear_state(cache, self.layer_idx, final_state)
+            if cached is not None:
+                cached.store(final_state)
         y = self.norm(out.reshape(batch, length, self.num_heads * self.head_dim))
         gate = self.output_gate(x)
         y = (torch.sigmoid(gate) if self.sigmoid_gate else gate) * y
-        return self.out_proj(y), None
+        return self.out_proj(y), (final_state.clone() if output_attentions else None)

@@ -238,8 +238,11 @@ class StrictLoadingMixin:
         if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
             raise mismatch_error(source, loading_info.mismatched_keys)
         info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
-        if info.missing_keys and not _STRICTNESS.get().allow_missing_weights:
-            raise missing_error(source, info.missing_keys, info.unexpected_keys)
+        # A missing head is transformers' standard flow (a base-model checkpoint in a causal-LM class):
+        # it is initialised and transformers warns. A missing body weight stays an error.
+        missing_body = [key for key in info.missing_keys if key.startswith(f"{model.base_model_prefix}.")]
+        if missing_body and not _STRICTNESS.get().allow_missing_weights:
+            raise missing_error(source, missing_body, info.unexpected_keys)
         return info
 
 

@@ -15,16 +15,20 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache_glue import (add_seen_tokens, check_cache_type, fill_empty_cache, past_length, reserve_kv_capacity,
-                         use_growing_kv_layers)
+from .cache_glue import prepare_cache, reserve_kv_capacity
 from .configuration_tnl import FULL, LINEAR, TNLConfig
 from .lightning_layer import TNLLightningAttention
 from .load_checks import StrictLoadingMixin
 from .moe import TNLDenseMLP, TNLExperts, TNLRouter, TNLSparseMoeBlock, load_balancing_loss, router_z_loss
 from .norms import RMSNorm
-from .rotary import PartialRotaryEmbedding
+from .rotary import TNLRotaryEmbedding
 from .softmax_attention import TNLSoftmaxAttention, document_ids
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -110,8 +114,10 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: give at least one token (e.g. the BOS token) to run the model")
-    # One boolean crosses to the host: under torch.compile the graph breaks here without
-    # specialising (and recompiling) on the batch's smallest and largest ids.
+    # One boolean crosses to the host, in eager mode only: a traced graph (torch.compile,
+    # torch.export) cannot hold a data-dependent branch, and the eager boundary checked it.
+    if torch.compiler.is_compiling():
+        return
     if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
         low, high = int(input_ids.min()), int(input_ids.max())
         bad = low if low < 0 else high
@@ -169,7 +175,7 @@ class TNLModel(TNLPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(TNLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary = PartialRotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.rotary_emb = TNLRotaryEmbedding(config)
         self.has_softmax_layers = FULL in config.layer_types
         self.gradient_checkpointing = False
         self.post_init()
@@ -180,12 +186,13 @@ class TNLModel(TNLPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, cu_seqlens=None,
                 prefill_chunk_size=None, keep_last=0, return_dict=None, **kwargs):
         """``keep_last > 0`` lets a chunked prefill return only the last ``keep_last`` hidden states and no
         router logits, so its memory does not grow with the prompt (generate() needs the last position only)."""
-        outputs = self._forward(input_ids, attention_mask, position_ids, kwargs.pop("past_key_values", cache),
+        outputs = self._forward(input_ids, attention_mask, position_ids, cache,
                                 inputs_embeds, use_cache, output_attentions, output_hidden_states, cu_seqlens,
                                 prefill_chunk_size, keep_last, **kwargs)
         return outputs if return_dict is not False else outputs.to_tuple()
@@ -211,7 +218,7 @@ class TNLModel(TNLPreTrainedModel):
         cache = self._resolve_cache(cache, use_cache, packed=cu_seqlens is not None)
         if cu_seqlens is not None and (batch != 1 or cache is not None):
             raise ValueError("cu_seqlens (packed documents) needs a batch of 1 and no cache (use_cache=False)")
-        past = past_length(cache, self.config.layer_types)
+        past = cache.get_seq_length() if cache is not None else 0
         attention_mask = self._check_attention_mask(attention_mask, batch, past, length)
 
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
@@ -233,8 +240,8 @@ class TNLModel(TNLPreTrainedModel):
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
         rotary = None
         if self.has_softmax_layers:
-            self._check_positions(position_ids)
-            rotary = self.rotary(position_ids.expand(batch, -1), inputs_embeds.dtype)
+            self._warn_beyond_trained_positions(past + length)
+            rotary = self.rotary_emb(inputs_embeds, position_ids.expand(batch, -1))
 
         token_mask = attention_mask[:, -length:] if attention_mask is not None else None
         hidden = inputs_embeds
@@ -247,12 +254,11 @@ class TNLModel(TNLPreTrainedModel):
                 rotary=rotary, output_attentions=output_attentions)
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
-            if output_attentions and attn_weights is not None:
+            if output_attentions:  # one entry per layer: softmax weights, or a lightning layer's state
                 all_attn.append(attn_weights)
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
-        add_seen_tokens(cache, length)
         return MoeModelOutputWithPast(
             last_hidden_state=hidden,
             cache=cache,
@@ -272,11 +278,9 @@ class TNLModel(TNLPreTrainedModel):
         if use_cache is None:
             # Each packed sequence ends with its own state: nothing to continue.
             use_cache = False if packed else self.config.use_cache
-        check_cache_type(cache)
         if cache is None and use_cache:
             cache = DynamicCache(config=self.config)
-        fill_empty_cache(cache, self.config)
-        use_growing_kv_layers(cache, self.config.layer_types)
+        prepare_cache(cache, self.config)
         return cache
 
     def _check_attention_mask(self, attention_mask, batch, past, length):
@@ -303,12 +307,15 @@ class TNLModel(TNLPreTrainedModel):
             return None
         return attention_mask
 
-    def _check_positions(self, position_ids):
+    def _warn_beyond_trained_positions(self, end: int) -> None:
+        """Positions past ``max_position_embeddings`` run, as in every RoPE model of transformers (the lightning
+        layers have no position limit at all); without RoPE scaling the softmax layers extrapolate, so say so once.
+        ``end`` is the cache length plus the new tokens, known on the host: no device sync per step."""
         limit = self.config.max_position_embeddings
-        if bool((position_ids >= limit).any()):  # a boolean, not the max: no recompile per length
-            raise ValueError(
-                f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of the softmax layers; "
-                "shorten the input or raise max_position_embeddings in the config"
+        if end > limit and self.rotary_emb.rope_type == "default":
+            logger.warning_once(
+                f"positions go beyond max_position_embeddings={limit}: the softmax layers' RoPE "
+                "extrapolates there; set rope_parameters (e.g. rope_type 'yarn' or 'dynamic') to extend the context"
             )
 
     def _chunked_prefill(self, tokens, attention_mask, position_ids, cache, chunk, keep_last,
@@ -318,7 +325,7 @@ class TNLModel(TNLPreTrainedModel):
         if output_attentions or output_hidden_states:
             raise ValueError("output_attentions/output_hidden_states are not available with chunked prefill")
         length = tokens.shape[1]
-        start_past = past_length(cache, self.config.layer_types)
+        start_past = cache.get_seq_length()
         reserve_kv_capacity(cache, start_past + length)  # the softmax caches grow once, not per chunk
         pieces, router_logits = [], []
         is_ids = not tokens.is_floating_point()
@@ -378,6 +385,7 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 output_router_logits=None, logits_to_keep=0, cu_seqlens=None, return_dict=None, **kwargs):
@@ -386,7 +394,7 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
         # When only the last logits are wanted (generate), a chunked prefill keeps only those positions.
         keep_last = logits_to_keep if isinstance(logits_to_keep, int) and labels is None and not output_router_logits else 0
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=kwargs.pop("past_key_values", cache), inputs_embeds=inputs_embeds,
+                             cache=cache, inputs_embeds=inputs_embeds,
                              use_cache=use_cache, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states,
                              cu_seqlens=cu_seqlens if cu_seqlens is not None else kwargs.get("cu_seq_lens_q"),

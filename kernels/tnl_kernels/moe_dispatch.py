@@ -99,6 +99,17 @@ def expert_ffn_grouped(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torc
 _expert_ffn_grouped_eager = torch.compiler.disable(expert_ffn_grouped)
 
 
+def expert_ffn_gathered(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                        expert_of_row: torch.Tensor) -> torch.Tensor:
+    """Each row times its own expert's weights, gathered: static shapes, no grouped GEMM.
+
+    For ``torch.export`` in fp32/fp16, where grouped_mm cannot be traced and nothing may run outside
+    the graph. It holds one weight copy per row (rows x expert size), so it is for export, not speed.
+    """
+    gate, up = torch.bmm(gate_up[expert_of_row], x_sorted.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+    return torch.bmm(down[expert_of_row], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+
+
 def choose_implementation(hidden, gate_up, down, impl: str = "auto") -> str:
     """``"grouped_mm"`` or ``"loop"`` for this call.
 
@@ -133,7 +144,9 @@ def moe_dispatch(hidden, gate_up, down, topk_index, topk_weight, impl: str = "au
     order, counts = sort_by_expert(topk_index, gate_up.shape[0])
     token_of_row = order // top_k
     x_sorted = hidden[token_of_row]
-    if use_grouped:
+    if torch.compiler.is_exporting() and (x_sorted.dtype != torch.bfloat16 or not use_grouped):
+        y_sorted = expert_ffn_gathered(x_sorted, gate_up, down, topk_index.reshape(-1)[order])
+    elif use_grouped:
         traceable = not torch.compiler.is_compiling() or x_sorted.dtype == torch.bfloat16
         y_sorted = (expert_ffn_grouped if traceable else _expert_ffn_grouped_eager)(x_sorted, gate_up, down, counts)
     else:

@@ -113,13 +113,11 @@ def test_static_cache_is_refused_by_name(model):
         model.generate(random_ids(1, 5), max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
-def test_prompt_longer_than_max_position_embeddings(model):
-    with pytest.raises(ValueError, match="position 64 is beyond max_position_embeddings=64 of the softmax layers"):
-        model(random_ids(1, 65))
-    model(random_ids(1, 64))  # the limit itself is fine
-    # Generation that runs past the limit stops with the same error instead of reading past the table.
-    with pytest.raises(ValueError, match="beyond max_position_embeddings=64"):
-        model.generate(random_ids(1, 60), max_new_tokens=10, do_sample=False)
+def test_prompt_longer_than_max_position_embeddings_runs(model):
+    # As every RoPE model in transformers: the softmax layers extrapolate (tests/model/test_rope.py: one warning).
+    assert torch.isfinite(model(random_ids(1, 65)).logits).all()
+    out = model.generate(random_ids(1, 60), max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert out.shape[1] == 70
 
 
 def test_all_linear_model_has_no_position_limit():
@@ -201,6 +199,16 @@ def test_checkpoint_with_missing_tensors_is_refused_unless_allowed(model_dir, lo
     assert "model.layers.4.input_layernorm.weight" in str(excinfo.value)
     model = _loader(loader)(model_dir, allow_missing_weights=True)
     assert model.config.num_hidden_layers == 5
+
+
+def test_a_base_model_checkpoint_loads_into_the_causal_lm_with_a_new_head(tmp_path):
+    """transformers' standard flow: the body loads, the missing head is initialised (and transformers warns)."""
+    source = build_model(tiny_config())
+    source.model.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    for name, tensor in source.model.state_dict().items():
+        torch.testing.assert_close(model.model.state_dict()[name], tensor, atol=0, rtol=0)
+    assert torch.isfinite(model.lm_head.weight).all() and model.lm_head.weight.abs().sum() > 0
 
 
 def test_verify_checkpoint_reads_headers_only(model_dir):

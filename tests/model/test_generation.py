@@ -227,8 +227,15 @@ def test_output_attentions_uses_eager_softmax_with_the_same_logits():
     plain = model(ids, use_cache=False)
     with_weights = model(ids, use_cache=False, output_attentions=True, output_hidden_states=True)
     torch.testing.assert_close(with_weights.logits, plain.logits, atol=ATOL, rtol=0)
-    (weights,) = with_weights.attentions  # one softmax layer
+    # One entry per layer, in layer order (transformers' MiniMax convention): layer 1 is the softmax
+    # layer's weights, the lightning layers give their recurrent state [B, H, D, E].
+    assert len(with_weights.attentions) == model.config.num_hidden_layers
+    weights = with_weights.attentions[1]
     assert weights.shape == (2, 4, 12, 12)
+    for idx in (0, 2, 3):
+        assert with_weights.attentions[idx].shape == (2, 4, 12, 12)  # head_dim 12 x 12
+        torch.testing.assert_close(with_weights.attentions[idx],
+                                   model(ids, use_cache=True).cache.layers[idx].state, atol=1e-6, rtol=0)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 12))
     assert torch.all(weights.triu(1) == 0)  # causal
     assert len(with_weights.hidden_states) == model.config.num_hidden_layers + 1
