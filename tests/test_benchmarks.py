@@ -49,3 +49,12 @@ def test_bench_long_context_small(tmp_path):
 def test_bench_lightning_attn_cpu_smoke(tmp_path):
     out = _run("bench_lightning_attn.py", "--cpu-smoke", "--out", tmp_path)
     assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.png")), out[-2000:]
+
+
+def test_bench_tokenize_quick(tmp_path):
+    out = _run("bench_tokenize.py", "--quick", "--out", tmp_path)
+    assert "tokenizer's own encode_batch" in out
+    data = _outputs(tmp_path, "bench_tokenize_quick")
+    assert [round(r["megabytes"]) for r in data["runs"]] == [1, 3]
+    assert data["workers_2"]["same_shards"] and data["max_peak_rss_mib"] < 1024
+

@@ -23,7 +23,14 @@ COVERAGE = {
     "tnl info": "tests/ecosystem/test_cli.py::test_info_on_a_model_directory",
     "tnl generate MODEL_DIR --prompt": "tests/ecosystem/test_cli.py::test_generate_streams_tokens_as_they_are_produced",
     "tnl generate MODEL_DIR --token-ids": "tests/ecosystem/test_cli.py::test_generate_with_raw_token_ids_needs_no_tokenizer",
+    "tnl generate MODEL_DIR --context-file":
+        "tests/ecosystem/test_cli.py::test_context_snapshot_round_trip_answers_like_the_whole_prompt",
+    "tnl generate MODEL_DIR --load-context":
+        "tests/ecosystem/test_cli.py::test_context_snapshot_round_trip_answers_like_the_whole_prompt",
+    "tnl info MODEL_DIR_OR_CONFIG.json --context-length":
+        "tests/ecosystem/test_cli.py::test_info_prints_the_snapshot_size_for_a_context_length",
     "tnl convert": "tests/ecosystem/test_cli.py::test_convert_is_the_real_entry_point",
+    "tnl eval MODEL_DIR --tasks": "tests/ecosystem/test_lm_eval.py::test_tnl_eval_runs_lm_eval_on_a_model_directory",
     "tnl train": "tests/ecosystem/test_cli.py::test_forwarding_subcommands",
     "tnl export": "tests/ecosystem/test_cli.py::test_forwarding_subcommands",
     "deepspeed --num_gpus N --module tnl_training.pretrain": "tests/training/test_distributed.py::test_zero3_loss_falls",
@@ -37,6 +44,7 @@ COVERAGE = {
     "python benchmarks/bench_vs_minimax.py": "tests/test_benchmarks.py::test_bench_vs_minimax_quick",
     "python benchmarks/bench_long_context.py": "tests/test_benchmarks.py::test_bench_long_context_small",
     "python benchmarks/bench_lightning_attn.py": "tests/test_benchmarks.py::test_bench_lightning_attn_cpu_smoke",
+    "python benchmarks/bench_tokenize.py": "tests/test_benchmarks.py::test_bench_tokenize_quick",
 }
 COMMAND_START = ("make ", "tnl ", "python -m ", "python benchmarks/", "deepspeed ", ".venv/bin/")
 

@@ -9,8 +9,11 @@ What transformers 5.24 does on its own, and what this module changes:
   For hub repositories the same rule is enforced by forcing ``use_safetensors=True``.
 * A truncated or corrupt ``model.safetensors`` surfaces as a bare ``SafetensorError``
   without the file name. Here every safetensors file of a local directory is checked
-  first (header parses, dtypes and shapes agree with the byte ranges, the file is
-  exactly as long as its header says) without reading the tensor data.
+  first (header parses, known dtypes, non-negative dims, byte sizes equal to dtype x shape,
+  byte ranges that neither overlap nor leave gaps, the file exactly as long as its header
+  says) without reading the tensor data; an index may only name files in its directory, and
+  a weights file that is not a regular file (a FIFO would block ``open`` forever) is refused
+  before it is opened.
 * A checkpoint whose shapes differ from the config raises a ``RuntimeError`` that
   only says "look at the above report" (the report is a log message). Here it is a
   :class:`CheckpointMismatchError` (a ``ValueError``) listing every tensor name with
@@ -40,11 +43,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, CheckpointError
+from .checkpoint_io import (INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, CheckpointError, read_weight_map,
+                            require_regular_file)
 
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+#: bits per element of every safetensors dtype (safetensors 0.8: sub-byte floats pack densely)
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "U16": 16, "U32": 32, "U64": 64, "C64": 64,
+               "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 # Tensors that older checkpoints may carry but the model recomputes from the config.
 _IGNORED_UNEXPECTED = (r"\.slope_rate$", r"\.query_decay$", r"\.key_decay$", r"\.diagonal_decay$")
 _MAX_LISTED = 25
@@ -58,14 +64,23 @@ class CheckpointMismatchError(CheckpointError):
 # Files
 
 
+def _is_int(value) -> bool:
+    return type(value) is int  # JSON integers only (not bool, not 2.0)
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (dtype, shape)}`` from a safetensors file, after checking that the file is whole.
 
-    Reads only the header. Raises :class:`CheckpointError` naming the file when it is
-    truncated, padded, or its header is not valid safetensors. (Bit flips inside the
-    tensor data cannot be detected: safetensors stores no checksum.)
+    Reads only the header, and refuses before opening anything that is not a regular file (a
+    FIFO would block forever). Raises :class:`CheckpointError` naming the file (and the tensor)
+    when it is truncated or padded, its header is not valid safetensors, a tensor has an unknown
+    dtype, a shape that is not non-negative integers, a byte size other than dtype x shape, or a
+    byte range outside the data; or two tensors overlap, or bytes belong to no tensor (the rules
+    the safetensors library applies when it opens the file). Bit flips inside the tensor data
+    cannot be detected: safetensors stores no checksum.
     """
     path = Path(path)
+    require_regular_file(path)
     size = path.stat().st_size
     advice = "re-download it or save it again"
     with open(path, "rb") as handle:
@@ -82,44 +97,79 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tup
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        entries = {}
-        end = 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, (start, stop) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            expected = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
-            if dtype in _DTYPE_BYTES and stop - start != expected:
-                raise ValueError(f"tensor {name} has shape {list(shape)} {dtype} but {stop - start} bytes")
-            entries[name] = (dtype, shape)
-            end = max(end, int(stop))
-    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path} is corrupt: its safetensors header is invalid ({err}); {advice}") from err
+    data_size = size - 8 - header_len
+    entries, spans = {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
+                raise CheckpointError(f"{path} is corrupt: its __metadata__ must map strings to strings; {advice}")
+            continue
+
+        def bad(problem):
+            return CheckpointError(f"{path} is corrupt: tensor {name!r} {problem}; {advice}")
+
+        if not isinstance(info, dict):
+            raise bad("has no {dtype, shape, data_offsets} record")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPE_BITS:
+            raise bad(f"has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise bad(f"has a shape that is not a list of integers ({shape!r})")
+        if any(d < 0 for d in shape):
+            raise bad(f"has a negative dimension in its shape {shape}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise bad(f"has data_offsets that are not two integers ({offsets!r})")
+        start, stop = offsets
+        if start < 0 or stop < start:
+            raise bad(f"has data_offsets [{start}, {stop}], not a byte range")
+        bits = math.prod(shape) * _DTYPE_BITS[dtype]
+        if bits % 8 or stop - start != bits // 8:
+            raise bad(f"is {dtype} of shape {shape}, which takes {bits / 8:g} bytes, but its data_offsets "
+                      f"[{start}, {stop}] hold {stop - start}")
+        entries[name] = (dtype, tuple(shape))
+        spans.append((start, stop, name))
+    end = max((stop for _, stop, _ in spans), default=0)
     if 8 + header_len + end != size:
+        last = max(spans, key=lambda span: span[1])[2] if spans else None
         raise CheckpointError(
             f"{path} is truncated or corrupt: its header describes {8 + header_len + end} bytes but the file has "
-            f"{size}; {advice}"
+            f"{size}" + (f" (the last tensor, {last!r}, ends at byte {8 + header_len + end})" if last else "")
+            + f"; {advice}"
         )
+    position, previous = 0, None
+    for start, stop, name in sorted(spans):
+        if start < position:
+            raise CheckpointError(f"{path} is corrupt: tensors {previous!r} and {name!r} overlap (their data_offsets "
+                                  f"share bytes {start}..{position}); {advice}")
+        if start > position:
+            raise CheckpointError(f"{path} is corrupt: bytes {position}..{start} of its data belong to no tensor (a gap "
+                                  f"before tensor {name!r}); {advice}")
+        position, previous = stop, name
     return entries
 
 
 def safetensors_files(directory: str | os.PathLike) -> list[Path]:
-    """The safetensors weight files of a checkpoint directory (index shards or the single file)."""
+    """The safetensors weight files of a checkpoint directory (index shards or the single file); the
+    index must name files inside the directory, and each must be a regular file."""
     directory = Path(directory)
     index = directory / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from err
+        weight_map = read_weight_map(index)
         files = [directory / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{directory} is incomplete: shard(s) {', '.join(missing)} listed in {INDEX_FILE} "
                                   "are missing")
+        for f in files:
+            require_regular_file(f)
         return files
     single = directory / SINGLE_FILE
-    return [single] if single.exists() else []
+    if single.exists():
+        require_regular_file(single)
+        return [single]
+    return []
 
 
 def pickle_files(directory: str | os.PathLike) -> list[str]:

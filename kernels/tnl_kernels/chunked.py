@@ -36,7 +36,8 @@ class _BlockDecays:
         # rates: [1, H, 1, 1] fp32
         pos = torch.arange(length, device=rates.device, dtype=rates.dtype)
         distance = pos[:, None] - pos[None, :]
-        self.intra = torch.exp(torch.where(distance >= 0, -rates * distance, float("-inf")))  # [1, H, C, C]
+        self.causal = distance >= 0  # [C, C] (the decay alone can underflow to 0 inside the causal part)
+        self.intra = torch.exp(torch.where(self.causal, -rates * distance, float("-inf")))  # [1, H, C, C]
         self.query = torch.exp(-rates * (pos + 1).view(1, 1, -1, 1))  # lambda^{i+1}
         self.key = torch.exp(-rates * (length - 1 - pos).view(1, 1, -1, 1))  # lambda^{c-1-j}
         self.block = torch.exp(-rates * length)  # lambda^{c}
@@ -69,8 +70,35 @@ def _scan(block_sums, state, block_decay, reverse: bool = False):
     return entering, final
 
 
+def _causal_products(scores, values, causal):
+    """``(scores * causal) @ values`` in which a product the mask removes is exactly zero even when
+    its value is NaN or inf (a matmul forms ``0 * NaN = NaN`` for every row). A broadcast product
+    of ``[.., C, C, E]``: only for the rare blocks with non-finite keys or values."""
+    return torch.where(causal[..., None], scores[..., None] * values[..., None, :, :], 0).sum(-2)
+
+
+def _nonfinite_blocks(block_kv) -> list[int]:
+    """The blocks whose keys or values hold a NaN or inf: exactly those whose key-value summary
+    ``[B, H, N, D, E]`` does (a non-finite factor reaches every sum it is in)."""
+    return (~torch.isfinite(block_kv)).flatten(3).any(-1).any(1).any(0).nonzero().flatten().tolist()
+
+
+def _check_nonfinite(state) -> bool:
+    """Whether a segment needs the NaN isolation below: its final state is non-finite (a NaN or inf
+    in its keys or values reaches it; one in q does not, and reaches only its own output row).
+    One reduction over the small state: the finite path pays nothing else. Under torch.compile the
+    check would break the graph, so compiled code skips it (and a NaN then reaches its block)."""
+    return not torch.compiler.is_compiling() and not bool(torch.isfinite(state).all())
+
+
 def _forward_blocks(q, k, v, state, decays: _BlockDecays, block: int):
-    """All blocks of a segment whose length is a multiple of ``block``."""
+    """All blocks of a segment whose length is a multiple of ``block``.
+
+    NaN isolation: a NaN (or inf) in k or v at position p makes the outputs at p and after it
+    non-finite, and no output before it (in the matmuls, masked scores times a NaN value would be
+    NaN at every row of p's block). Blocks with such inputs are recomputed with the mask applied
+    by ``where`` (:func:`_causal_products`), found through the final state, so clean inputs take
+    exactly the fast path."""
     batch, heads, length, dim_k = q.shape
     dim_v = v.shape[-1]
     n_blocks = length // block
@@ -83,6 +111,11 @@ def _forward_blocks(q, k, v, state, decays: _BlockDecays, block: int):
     block_kv = torch.matmul((kb * decays.key.unsqueeze(2)).transpose(-1, -2), vb)  # [B, H, N, D, E]
     states_before, state = _scan(block_kv, state, decays.block)
     out += torch.matmul(qb * decays.query.unsqueeze(2), states_before)
+    if _check_nonfinite(state):
+        for n in _nonfinite_blocks(block_kv):
+            scores = torch.matmul(qb[:, :, n], kb[:, :, n].transpose(-1, -2)) * decays.intra
+            out[:, :, n] = _causal_products(scores, vb[:, :, n], decays.causal) + torch.matmul(
+                qb[:, :, n] * decays.query, states_before[:, :, n])
     return out.reshape(batch, heads, length, dim_v), state
 
 
@@ -154,7 +187,8 @@ def _backward_blocks(q, k, v, do, state_in, grad_state, decays: _BlockDecays, bl
 
     key_scaled = kb * key_decay
     block_kv = torch.matmul(key_scaled.transpose(-1, -2), vb)  # [B, H, N, D, E]
-    states_before, _ = _scan(block_kv, state_in, decays.block)
+    states_before, state_out = _scan(block_kv, state_in, decays.block)
+    nonfinite = _nonfinite_blocks(block_kv) if _check_nonfinite(state_out) else []
     del block_kv
     do_scaled = dob * query_decay
     block_qdo = torch.matmul((qb * query_decay).transpose(-1, -2), dob)  # [B, H, N, D, E]
@@ -163,6 +197,10 @@ def _backward_blocks(q, k, v, do, state_in, grad_state, decays: _BlockDecays, bl
 
     scores = torch.matmul(dob, vb.transpose(-1, -2)).mul_(intra)  # A
     dq = torch.matmul(scores, kb).add_(torch.matmul(do_scaled, states_before.transpose(-1, -2)))
+    for n in nonfinite:  # NaN isolation (see _forward_blocks): A K would carry a NaN in K or V to every row
+        grads = torch.matmul(dob[:, :, n], vb[:, :, n].transpose(-1, -2)) * decays.intra
+        dq[:, :, n] = _causal_products(grads, kb[:, :, n], decays.causal) + torch.matmul(
+            do_scaled[:, :, n], states_before[:, :, n].transpose(-1, -2))
     dk = torch.matmul(scores.transpose(-1, -2), qb).add_(
         torch.matmul(vb, grads_after.transpose(-1, -2)).mul_(key_decay))
     scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(intra)  # P

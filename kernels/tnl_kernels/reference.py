@@ -61,7 +61,8 @@ def lightning_attn_recurrent(q, k, v, slopes, *, scale=1.0, initial_state=None):
 
 
 def lightning_attn_chunked(q, k, v, slopes, *, scale=1.0, initial_state=None, block_size=64):
-    """Chunked form, one block at a time, differentiable through autograd.
+    """Chunked form, one block at a time, differentiable through autograd. A NaN or inf in k or v
+    at position p leaves the outputs before p finite, as in the recurrence.
 
     Inside block b with previous state S (0-based position i, real length c)::
 
@@ -77,7 +78,10 @@ def lightning_attn_chunked(q, k, v, slopes, *, scale=1.0, initial_state=None, bl
         pos = torch.arange(c, device=q.device, dtype=q.dtype)
         distance = pos[:, None] - pos[None, :]
         mask = torch.exp(torch.where(distance >= 0, -s * distance, float("-inf")))
-        intra = torch.matmul(torch.matmul(qb, kb.transpose(-1, -2)) * mask, vb)
+        # The causal mask applied with `where`, product by product: a NaN in k or v at position p
+        # reaches no output before p (a matmul would form NaN * 0 = NaN in every row of the block).
+        scores = torch.where(distance >= 0, torch.matmul(qb, kb.transpose(-1, -2)) * mask, 0)
+        intra = torch.where((distance >= 0)[..., None], scores[..., None] * vb[..., None, :, :], 0).sum(-2)
         inter = torch.matmul(qb * torch.exp(-s * (pos + 1).view(1, 1, -1, 1)), state)
         outputs.append(intra + inter)
         key_decay = torch.exp(-s * (c - 1 - pos).view(1, 1, -1, 1))

@@ -38,7 +38,8 @@ is summed in fp32 and rounded once, when stored. Every decay factor is block-loc
 or ``cu_seqlens`` pieces) live on a flat token axis, so varlen costs nothing extra.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with fixed launch
-configurations (no autotuning).
+configurations (no autotuning); the chunked forward and backward refuse bf16 there
+(``_refuse_interpreted_bf16``: the interpreter's bf16 ``tl.dot`` is wrong).
 """
 
 import dataclasses
@@ -71,6 +72,29 @@ POISON_OUTPUTS = False
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels_interpreted() -> bool:
+    """Whether this module's kernels run in Triton's interpreter (``TRITON_INTERPRET`` was set when
+    they were defined, which is what counts, whatever the variable says now)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter module
+        return _interpreting()
+    return isinstance(_chunk_output_kernel, InterpretedFunction)
+
+
+def _refuse_interpreted_bf16(dtype: torch.dtype) -> None:
+    """The interpreter multiplies bf16 ``tl.dot`` operands wrongly (relative errors of 1e8, not
+    rounding), so the chunked forward and backward refuse bf16 there instead of returning garbage.
+    The decode kernel has no ``tl.dot`` (fp32 element-wise products) and is exact to bf16 rounding."""
+    if dtype == torch.bfloat16 and _kernels_interpreted():
+        raise ValueError(
+            "bf16 inputs cannot run on the Triton lightning-attention kernels under the Triton interpreter "
+            "(TRITON_INTERPRET=1): it multiplies bf16 tl.dot operands wrongly and the result would be garbage. "
+            "Use fp32 or fp16 inputs, or backend='torch' (what backend='auto' picks for CPU tensors); "
+            "bf16 is fine on a GPU without the interpreter."
+        )
 
 
 def _head_tile(dim: int) -> int:
@@ -355,9 +379,14 @@ def _sequential_forward_kernel(
         k_tile = tl.load(k + qk_base + qk_offsets, mask=qk_mask, other=0.0)
         v_tile = tl.load(v + vo_base + vo_offsets, mask=vo_mask, other=0.0)
         scores = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-        # M_ij = lambda^{i-j} for i >= j: mask with `where` before `exp`.
+        # M_ij = lambda^{i-j} for i >= j: mask with `where` before `exp`, and apply it with `where`
+        # too, so that a NaN key never reaches an earlier query (NaN * 0 is NaN).
         distance = (rows[:, None] - rows[None, :]).to(tl.float32)
-        scores *= tl.exp(tl.where(distance >= 0, -rate * distance, float("-inf")))
+        scores = tl.where(distance >= 0, scores * tl.exp(tl.where(distance >= 0, -rate * distance, float("-inf"))),
+                          0.0)
+        # A NaN value is not isolated here (the split strategy's kernels do): doing so spills registers
+        # at D = 128 in this bandwidth-bound kernel. Each program holds one sequence, so a NaN never
+        # reaches another packed sequence; within its own, it can reach the earlier rows of its chunk.
         acc = tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
         # The decays scale rows of the [C, BLOCK_E] products, never the wide [C, D] q and k tiles
         # (an fp32 copy of those would not fit in registers next to the state):
@@ -402,8 +431,9 @@ def _chunk_output_kernel(
         k_tile = tl.load(k_rows + d_cols[None, :], mask=tile_mask, other=0.0)
         scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
     distance = (rows[:, None] - rows[None, :]).to(tl.float32)
-    # M_ij = lambda^{i-j} for i >= j: mask with `where` before `exp` (no exp of a positive number).
-    scores *= tl.exp(tl.where(distance >= 0, -rate * distance, float("-inf")))
+    # M_ij = lambda^{i-j} for i >= j: mask with `where` before `exp` (no exp of a positive number), and
+    # apply it with `where` too, so that a NaN key never reaches an earlier query (NaN * 0 is NaN).
+    scores = tl.where(distance >= 0, scores * tl.exp(tl.where(distance >= 0, -rate * distance, float("-inf"))), 0.0)
     query_decay = tl.exp(-rate * (rows + 1).to(tl.float32))  # lambda^{i+1}: the state is one step older
 
     for e_start in range(0, E, BLOCK_E):
@@ -411,7 +441,11 @@ def _chunk_output_kernel(
         v_tile = tl.load(
             v_rows + e_cols[None, :], mask=valid[:, None] & (e_cols[None, :] < E), other=0.0
         )
-        acc = tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+        # a NaN (or inf) value: left out of the dot, it makes its column non-finite from its row on
+        v_finite = tl.abs(v_tile) < float("inf")
+        first_bad = tl.min(tl.where(v_finite, C, rows[:, None]), axis=0)
+        acc = tl.dot(scores.to(v_tile.dtype), tl.where(v_finite, v_tile, 0.0), input_precision=DOT_PRECISION)
+        acc = tl.where(rows[:, None] >= first_bad[None, :], float("nan"), acc)
         for d_start in range(0, D, BLOCK_D):
             d_cols = d_start + tl.arange(0, BLOCK_D)
             q_tile = tl.load(
@@ -469,7 +503,8 @@ def _chunk_grad_kernel(
         q_tile = tl.load(q + qk_rows + d_cols[None, :], mask=tile_mask, other=0.0)
         k_tile = tl.load(k + qk_rows + d_cols[None, :], mask=tile_mask, other=0.0)
         scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-    scores_t = tl.trans((scores * decay).to(q.dtype.element_ty))
+    # masks applied with `where`: a NaN key or query never reaches another row (NaN * 0 is NaN)
+    scores_t = tl.trans(tl.where(distance >= 0, scores * decay, 0.0).to(q.dtype.element_ty))
     for e_start in range(0, E, BLOCK_E):
         e_cols = e_start + tl.arange(0, BLOCK_E)
         tile_mask = valid[:, None] & (e_cols[None, :] < E)
@@ -492,13 +527,17 @@ def _chunk_grad_kernel(
         do_tile = tl.load(do + ve_rows + e_cols[None, :], mask=tile_mask, other=0.0)
         v_tile = tl.load(v + ve_rows + e_cols[None, :], mask=tile_mask, other=0.0)
         grad_scores += tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
-    grad_scores = (grad_scores * decay).to(q.dtype.element_ty)
+    grad_scores = tl.where(distance >= 0, grad_scores * decay, 0.0).to(q.dtype.element_ty)
     for d_start in range(0, D, BLOCK_D):
         d_cols = d_start + tl.arange(0, BLOCK_D)
         tile_mask = valid[:, None] & (d_cols[None, :] < D)
         q_tile = tl.load(q + qk_rows + d_cols[None, :], mask=tile_mask, other=0.0)
         k_tile = tl.load(k + qk_rows + d_cols[None, :], mask=tile_mask, other=0.0)
-        dq_acc = tl.dot(grad_scores, k_tile, input_precision=DOT_PRECISION)
+        # a NaN (or inf) key: left out of A K, it makes its column of dq non-finite from its row on
+        k_finite = tl.abs(k_tile) < float("inf")
+        first_bad = tl.min(tl.where(k_finite, C, rows[:, None]), axis=0)
+        dq_acc = tl.dot(grad_scores, tl.where(k_finite, k_tile, 0.0), input_precision=DOT_PRECISION)
+        dq_acc = tl.where(rows[:, None] >= first_bad[None, :], float("nan"), dq_acc)
         dk_acc = tl.dot(tl.trans(grad_scores), q_tile, input_precision=DOT_PRECISION)
         dk_inter = tl.zeros([C, BLOCK_D], dtype=tl.float32)
         for e_start in range(0, E, BLOCK_E):
@@ -715,6 +754,7 @@ def _forward(q, k, v, slopes, scale, initial_state, layout: ChunkLayout):
     q, k: [B, T, H, D] and v: [B, T, H, E] with unit stride along the head dim (same dtype);
     initial_state: [N, H, D, E] fp32 or None. Returns (o [B, T, H, E], final_state [N, H, D, E] fp32).
     """
+    _refuse_interpreted_bf16(q.dtype)
     q, k, v = (_row_major(x) for x in (q, k, v))
     batch, length, heads, dim_k = q.shape
     dim_v = v.shape[-1]
@@ -746,6 +786,7 @@ def _backward(q, k, v, grad_out, slopes, scale, state0, grad_final, layout: Chun
     """dq, dk, dv (in the inputs' dtypes) and d(initial state) (fp32 [N, H, D, E]) in three launches:
     the forward states again, the gradient states (reverse pass of sum_i lambda^{i+1} q_i^T G_i from
     d(final state)), then one kernel per chunk sharing both score tiles between the gradients."""
+    _refuse_interpreted_bf16(q.dtype)
     q, k, v, grad_out = (_row_major(x) for x in (q, k, v, grad_out))
     heads, dim_k = q.shape[2], q.shape[3]
     dim_v = v.shape[-1]
@@ -810,6 +851,7 @@ def lightning_attn_triton(q, k, v, slopes, *, scale=1.0, initial_state=None, cu_
     """
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _refuse_interpreted_bf16(q.dtype)  # before autograd records anything
     return LightningAttnTriton.apply(q, k, v, slopes, scale, initial_state, cu_seqlens, chunk_size)
 
 

@@ -58,13 +58,24 @@ def test_greedy_flag_is_true_for_the_models_own_greedy_continuation(model):
     assert greedy and not wrong_greedy and score > wrong_score and score < 0
 
 
-def test_string_requests_with_a_tokenizer(model, tiny_tokenizer):
-    pairs = [("the cat sat on the", " mat"), ("one two", " three"), ("", "the sun")]
+def test_string_requests_are_encoded_like_lm_eval(model, tiny_tokenizer):
+    """lm-eval's HFLM (causal): trailing context whitespace moves to the continuation, context and
+    continuation are encoded together with the tokenizer's BOS and split after the context's ids; an
+    empty context is the prefix token (BOS), or the continuation's own leading BOS.
+    tests/ecosystem/test_lm_eval.py checks the same against lm-eval itself."""
+    words = tiny_tokenizer.convert_tokens_to_ids
+    bos = tiny_tokenizer.bos_token_id
+    pairs = [("the cat sat on the", " mat"), ("one two ", "three"), ("", "the sun"), ("", "<s> the sun")]
+    expected = [([bos] + words("the cat sat on the".split()), words(["mat"])),
+                ([bos] + words(["one", "two"]), words(["three"])),
+                ([bos], words(["the", "sun"])),
+                ([bos], words(["the", "sun"]))]
     scores = loglikelihood(model, tiny_tokenizer, pairs, batch_size=3)
-    ids = [(tiny_tokenizer(c, add_special_tokens=False)["input_ids"],
-            tiny_tokenizer(x, add_special_tokens=False)["input_ids"]) for c, x in pairs]
-    for (score, greedy), (expected, expected_greedy) in zip(scores, loglikelihood(model, None, ids, batch_size=1)):
-        assert abs(score - expected) < TOL and greedy == expected_greedy
+    for (score, greedy), (want, want_greedy) in zip(scores, loglikelihood(model, None, expected, batch_size=1)):
+        assert abs(score - want) < TOL and greedy == want_greedy
+    (no_bos, _), = loglikelihood(model, tiny_tokenizer, [("one two", " three")], add_bos_token=False)
+    (want, _), = loglikelihood(model, None, [(words(["one", "two"]), words(["three"]))])
+    assert abs(no_bos - want) < TOL
 
 
 def test_bad_requests(model):
@@ -72,6 +83,8 @@ def test_bad_requests(model):
         loglikelihood(model, None, [([5, 6], [])])
     with pytest.raises(ValueError, match="need a tokenizer"):
         loglikelihood(model, None, [("text", " more")])
+    with pytest.raises(ValueError, match="mixes a string and token ids"):
+        loglikelihood(model, None, [("text", [5])])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         loglikelihood(model, None, [([5, 6], [500])])
     with pytest.raises(ValueError, match="padding_side"):

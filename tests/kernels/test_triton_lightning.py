@@ -413,6 +413,42 @@ def test_prefill_then_decode_equals_full_forward():
     assert_close(state, full_final, torch.float32, "state after decode")
 
 
+@pytest.mark.skipif(not triton_backend._kernels_interpreted(), reason="checks the Triton interpreter's bf16 refusal")
+def test_bf16_is_refused_under_the_interpreter():
+    """The interpreter's bf16 tl.dot is wrong (relative errors of 1e8): the chunked kernels raise a clear
+    error on every route (public API, the autograd.Function, the torch.compile custom operator) instead
+    of returning garbage. backend="auto" on CPU tensors takes the PyTorch path and is unaffected; the
+    decode kernel has no tl.dot and stays exact to bf16 rounding."""
+    inputs = make_inputs(1, 40, 2, 32, 32, torch.bfloat16, seed=12)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    slopes = torch.tensor([0.0, 0.3], device=DEVICE)
+    refusal = r"bf16 .*TRITON_INTERPRET=1.*wrongly.*fp32 or fp16.*backend='torch'"
+    with pytest.raises(ValueError, match=refusal):
+        lightning_attn(q, k, v, slopes, backend="triton", initial_state=inputs["state0"])
+    with pytest.raises(ValueError, match=refusal):
+        triton_backend.lightning_attn_triton(q.clone().requires_grad_(), k, v, slopes)
+    with pytest.raises(ValueError, match=refusal):
+        triton_ops.lightning_fwd(q, k, v, slopes, 1.0, None, None, triton_backend.CHUNK_SIZE)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda q, k, v: lightning_attn(q, k, v, slopes, backend="triton")[0], backend="aot_eager")
+        with pytest.raises(ValueError, match=refusal):
+            compiled(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    kwargs = dict(scale=1.0, initial_state=inputs["state0"], output_final_state=True)
+    out, final = lightning_attn(q, k, v, slopes, backend="auto", **kwargs)
+    ref_out, ref_final = lightning_attn_recurrent(q.double(), k.double(), v.double(), slopes.double(),
+                                                  scale=1.0, initial_state=inputs["state0"].double())
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref_out, torch.bfloat16, "auto backend o")
+    assert_close(final, ref_final, torch.float32, "auto backend final state")
+    state = inputs["state0"].clone()
+    steps = [lightning_attn_decode(q[:, t], k[:, t], v[:, t], slopes, state, backend="triton") for t in range(40)]
+    assert_close(torch.stack(steps, dim=1), ref_out, torch.bfloat16, "bf16 decode under the interpreter")
+    assert_close(state, ref_final, torch.float32, "bf16 decode state")
+
+
 @pytest.mark.skipif(not CUDA, reason="bf16 dots are only trustworthy on a GPU (the interpreter multiplies them wrongly)")
 @pytest.mark.parametrize("length", [65, 1000])
 def test_bf16_on_gpu(length):

@@ -85,19 +85,20 @@ def test_index_written_last(tmp_path, tokenizer_dir, monkeypatch):
 
     files = write_corpus(tmp_path / "texts", n_docs=2)
     calls = []
-    real = data.write_shard
+    real = data._ShardWriter.finish  # shards are written as tokens come, and completed here
 
-    def failing(path, *a, **k):
-        calls.append(path)
+    def failing(self):
+        calls.append(self.split)
         if len(calls) == 2:
             raise KeyboardInterrupt  # a crash mid-way
-        return real(path, *a, **k)
+        return real(self)
 
-    monkeypatch.setattr(data, "write_shard", failing)
+    monkeypatch.setattr(data._ShardWriter, "finish", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(files, tokenizer_dir, tmp_path / "s", val_fraction=0.5, log=lambda m: None)
     with pytest.raises(DataError, match="no prepared token shards"):
         read_index(tmp_path / "s")
+    assert not list((tmp_path / "s").glob(".*.tmp"))  # the half-written shard is removed
 
 
 def test_empty_and_missing_inputs(tmp_path, tokenizer_dir):

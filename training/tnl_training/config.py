@@ -89,6 +89,10 @@ class DataConfig:
     #: verify shard checksums at start-up (cheap next to training; catches silent corruption)
     verify_checksums: bool = True
     prepare_if_missing: bool = True
+    #: text that is not UTF-8 (or a binary file): "strict" stops with the file name and byte offset
+    #: before any tokenizing; "replace" turns each undecodable byte into U+FFFD. Strict by default:
+    #: a wrong encoding or a stray binary file would otherwise be trained on silently
+    errors: str = "strict"
 
 
 @dataclass
@@ -205,6 +209,9 @@ class RunConfig:
             raise ConfigError(f"tokenizer.model_type must be 'unigram' or 'bpe', got {self.tokenizer.model_type!r}")
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.data.errors not in ("strict", "replace"):
+            raise ConfigError(f"data.errors must be 'strict' (stop at text that is not UTF-8) or 'replace' (turn "
+                              f"undecodable bytes into U+FFFD), got {self.data.errors!r}")
         if self.data.corpus not in (None, "shakespeare"):
             raise ConfigError(f"data.corpus must be 'shakespeare' or null, got {self.data.corpus!r}")
         if self.data.corpus is None and not self.data.text_files:

@@ -1,7 +1,8 @@
 """Token shards: tokenize text/JSONL into memory-mapped shards with document offsets.
 
     python -m tnl_training.data --tokenizer data/tokenizer --out data/shards \\
-        [--val-fraction 0.05] [--val-files 'hamlet*' ...] FILE_OR_GLOB [...]
+        [--val-fraction 0.05] [--val-files 'hamlet*' ...] [--errors strict|replace] [--workers N] \\
+        FILE_OR_GLOB [...]
 
 Documents: a ``.txt`` (or any non-JSONL) file is one document; a ``.jsonl`` file holds one
 document per line (field ``text``). Each document is stored as ``BOS tokens EOS`` and the
@@ -9,6 +10,12 @@ documents of a split are concatenated into a token stream; text that spells a sp
 (``<s>``, ``</s>``, ``<pad>``, ``<unk>``: HTML has ``<s>``) is stored as ordinary tokens, so BOS
 and EOS mark document boundaries only. Whole documents go to
 validation (explicit ``val_files`` and/or a deterministic ``val_fraction`` of documents).
+
+Memory stays bounded whatever the file sizes: files are read in blocks, a long document is
+tokenized in pieces of at most :data:`PIECE_CHARS` characters cut at spaces (so that its tokens
+equal whole-document tokenization: see :func:`cut_mode`), and tokens are written to the shard
+as they come. Text must be UTF-8: an undecodable byte, or a NUL byte (a binary file), is an
+error naming the file and byte offset unless ``errors="replace"`` (then U+FFFD).
 
 Shard file layout (little-endian), written to a temporary name, fsynced and renamed, so a
 crash never leaves a half-written shard under a valid name::
@@ -48,6 +55,7 @@ import os
 import struct
 import tempfile
 import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +69,9 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
 #: how document text becomes tokens; part of the shard fingerprint, so shards made before a
 #: change are re-tokenized (2: special-token text is spelled in ordinary tokens; 3: so is text
-#: that spells a byte piece, such as "<0x41>")
-TEXT_ENCODING = 3
+#: that spells a byte piece, such as "<0x41>"; 4: long documents are tokenized in pieces, and
+#: text is decoded strictly unless errors="replace")
+TEXT_ENCODING = 4
 
 
 class DataError(ValueError):
@@ -87,16 +96,26 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-        except OSError:
-            pass
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _shard_header(itemsize: int, n_tokens: int, n_docs: int, payload_crc: int) -> bytes:
+    head = _HEAD.pack(MAGIC, VERSION, itemsize, n_tokens, n_docs, payload_crc)
+    header = head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
+    return header + b"\0" * (HEADER_SIZE - len(header))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:  # make a rename durable
+        dfd = os.open(directory, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, doc_offsets: np.ndarray) -> dict:
@@ -110,9 +129,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, doc_offsets: np.nda
     if offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) <= 0):
         raise ValueError("doc_offsets must start at 0, end at len(tokens) and increase strictly")
     payload_crc = _crc([tokens, offsets])
-    head = _HEAD.pack(MAGIC, VERSION, itemsize, len(tokens), len(offsets) - 1, payload_crc)
-    header = head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
-    header += b"\0" * (HEADER_SIZE - len(header))
+    header = _shard_header(itemsize, len(tokens), len(offsets) - 1, payload_crc)
 
     def write(f):
         f.write(header)
@@ -179,6 +196,113 @@ def open_shard(path: str | os.PathLike, verify: bool = True, expect: dict | None
     return Shard(path, tokens, offsets)
 
 
+# ---------------------------------------------------------------------------- reading text
+#: how undecodable bytes in training text are handled: "strict" (an error naming the file and byte
+#: offset; the default) or "replace" (each undecodable byte becomes U+FFFD)
+TEXT_ERRORS = ("strict", "replace")
+#: bytes read from a text file at a time
+READ_BYTES = 1 << 20
+
+
+def _check_errors(errors: str) -> None:
+    if errors not in TEXT_ERRORS:
+        raise DataError(f"errors must be 'strict' or 'replace', got {errors!r}")
+
+
+def _complete_utf8(buf: bytes) -> int:
+    """Length of the longest prefix of ``buf`` that does not end inside a UTF-8 sequence."""
+    for back in range(1, min(4, len(buf)) + 1):
+        byte = buf[-back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back for its lead byte
+            continue
+        need = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+        return len(buf) - back if need > back else len(buf)
+    return len(buf)
+
+
+def _undecodable(path, offset: int, raw: bytes, reason: str, error_class, what: str = "") -> Exception:
+    shown = raw[:4].hex(" ")
+    return error_class(
+        f"{path}{what}: not UTF-8 text: the bytes at byte offset {offset} ({shown}) cannot be decoded ({reason}); "
+        "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), leave it out of the corpus, or set "
+        "data.errors=replace (--errors replace) to replace undecodable bytes by U+FFFD")
+
+
+def _decode(chunk: bytes, offset: int, path, errors: str, error_class, what: str = "") -> str:
+    """``chunk`` (which starts at byte ``offset`` of ``path``) as text; a NUL byte means a binary file."""
+    if errors == "replace":
+        return chunk.decode("utf-8", "replace")
+    nul = chunk.find(b"\0")
+    if nul >= 0:
+        raise error_class(
+            f"{path}{what} is binary, not text: a NUL byte at byte offset {offset + nul}; leave it out of the "
+            "corpus (or set data.errors=replace (--errors replace) to read it as text anyway)")
+    try:
+        return chunk.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _undecodable(path, offset + err.start, chunk[err.start:], err.reason, error_class, what) from None
+
+
+def iter_text(path: str | os.PathLike, errors: str = "strict", block_bytes: int = READ_BYTES,
+              error_class=None):
+    """Yield a UTF-8 text file as ``(byte_offset, text)`` blocks of about ``block_bytes``, never cut
+    inside a character, holding one block in memory. ``errors="strict"`` raises ``error_class``
+    (default :class:`DataError`) naming the file and the byte offset of the first undecodable byte
+    (or NUL byte: a binary file); ``"replace"`` turns undecodable bytes into U+FFFD. Line ends
+    ``\\r\\n`` and ``\\r`` read as ``\\n``, as ``open(path, encoding="utf-8")`` reads them."""
+    error_class = error_class or DataError
+    _check_errors(errors)
+    offset, pending = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block_bytes)
+            buf = pending + data if pending else data
+            if not buf:
+                return
+            cut = len(buf)
+            if data:  # more may follow: keep back a character's first bytes, or a "\r" before a possible "\n"
+                cut = _complete_utf8(buf)
+                if cut and buf[cut - 1] == 0x0D:
+                    cut -= 1
+            chunk, pending = (buf, b"") if cut == len(buf) else (buf[:cut], buf[cut:])
+            if chunk:
+                text = _decode(chunk, offset, path, errors, error_class)
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
+                yield offset, text
+                offset += len(chunk)
+            if not data:
+                return
+
+
+def iter_lines(path: str | os.PathLike, errors: str = "strict", max_chars: int = 4096, error_class=None):
+    """The non-blank lines of a text file without their newline, streamed; a line longer than
+    ``max_chars`` comes out in pieces cut at spaces (or every ``max_chars`` characters)."""
+    carry = ""
+    for _, block in iter_text(path, errors, error_class=error_class):
+        lines = (carry + block).split("\n")
+        carry = lines.pop()
+        for line in lines:
+            yield from _line_pieces(line, max_chars)
+        if len(carry) > max_chars:  # a very long line: give out all but its last piece now
+            pieces = list(_line_pieces(carry, max_chars, keep_blank=True))
+            carry = pieces.pop()
+            yield from (p for p in pieces if p.strip())
+    yield from _line_pieces(carry, max_chars)
+
+
+def _line_pieces(line: str, max_chars: int, keep_blank: bool = False):
+    start = 0
+    while len(line) - start > max_chars:
+        cut = line.rfind(" ", start + max_chars // 2, start + max_chars)
+        cut = start + max_chars if cut <= start else cut
+        if line[start:cut].strip():
+            yield line[start:cut]
+        start = cut
+    if keep_blank or line[start:].strip():
+        yield line[start:]
+
+
 # ---------------------------------------------------------------------------- documents
 def expand_files(patterns: list[str], base: str | os.PathLike | None = None) -> list[Path]:
     """Expand paths/globs (relative to ``base`` when given and not found as is); missing -> DataError."""
@@ -214,27 +338,54 @@ def expand_files(patterns: list[str], base: str | os.PathLike | None = None) -> 
     return unique
 
 
-def iter_documents(path: Path, text_field: str = "text"):
-    """Yield (doc_key, text) for each non-empty document of a file."""
-    if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{path}:{lineno}: JSONL records need a {text_field!r} field")
-                text = record[text_field]
-                if isinstance(text, str) and text.strip():
-                    yield f"{path.name}:{lineno}", text
-    else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if text.strip():
-            yield path.name, text
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix in (".jsonl", ".json")
+
+
+def _iter_records(path: Path, text_field: str, errors: str):
+    """``(doc_key, text)`` of each non-empty JSONL record, one line in memory at a time."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, offset, path, errors, DataError, what=f" (line {lineno})")
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise DataError(f"{path}:{lineno}: JSONL records need a {text_field!r} field")
+            text = record[text_field]
+            if isinstance(text, str) and text.strip():
+                if not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:  # a "\ud800" escape: a lone surrogate, not a character
+                        if errors == "strict":
+                            raise DataError(f"{path}:{lineno}: the {text_field!r} field holds an unpaired surrogate "
+                                            "escape (such as \\ud800), which is not text; fix the record, or set "
+                                            "data.errors=replace (--errors replace)") from None
+                        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                yield f"{path.name}:{lineno}", text
+
+
+def _has_text(path: Path, errors: str) -> bool:
+    """Whether a text file holds anything but whitespace; reads (and so checks the decoding of) all of it."""
+    found = False
+    for _, block in iter_text(path, errors):
+        found = found or (bool(block) and not block.isspace())
+    return found
+
+
+def iter_documents(path: Path, text_field: str = "text", errors: str = "strict"):
+    """Yield ``(doc_key, text)`` for each non-empty document of a file (a whole text file is one
+    document, so this holds it in memory; :func:`prepare_shards` streams instead)."""
+    if _is_jsonl(path):
+        yield from _iter_records(path, text_field, errors)
+    elif _has_text(path, errors):
+        yield path.name, "".join(block for _, block in iter_text(path, errors))
 
 
 def _is_val(doc_key: str, path: Path, val_patterns: list[str], val_fraction: float, split_seed: int) -> bool:
@@ -249,6 +400,13 @@ def _split_hash(doc_key: str, split_seed: int) -> float:
     return int.from_bytes(h[:8], "little") / 2**64
 
 
+def shard_settings(val_fraction: float = 0.05, val_files: list[str] | None = None, split_seed: int = 0,
+                   text_field: str = "text", shard_tokens: int = 1 << 26, errors: str = "strict") -> dict:
+    """The settings that shape the shards (part of their fingerprint)."""
+    return {"val_fraction": val_fraction, "val_files": list(val_files or []), "split_seed": split_seed,
+            "text_field": text_field, "shard_tokens": shard_tokens, "format": INDEX_FORMAT, "errors": errors}
+
+
 def fingerprint(files: list[Path], tokenizer_dir: str | os.PathLike, settings: dict) -> str:
     h = hashlib.sha256()
     for p in files:
@@ -259,6 +417,130 @@ def fingerprint(files: list[Path], tokenizer_dir: str | os.PathLike, settings: d
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(f"text-encoding {TEXT_ENCODING}".encode())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- tokenizing
+#: longest piece of a document handed to the tokenizer in one call, in characters. The fast
+#: tokenizer's working memory is about 100-250 bytes per character of one call, so a whole file
+#: in one call needed gigabytes; pieces keep it to a few hundred MB per batch whatever the file size
+PIECE_CHARS = 1 << 16
+#: characters and pieces per tokenizer batch (one call, parallel over pieces)
+BATCH_CHARS = 1 << 20
+BATCH_PIECES = 1024
+
+
+def _encode_plain(tok, texts: list[str]) -> list[list[int]]:
+    return tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def cut_mode(encode) -> str | None:
+    """How a document can be cut at a space so that its pieces' tokens equal the whole document's.
+
+    ``encode(list_of_texts) -> list of id lists``. "drop": cut at a space and leave that space out
+    of the next piece (sentencepiece-style tokenizers such as ours, whose normalizer prepends "▁" to
+    every input and turns each space into "▁", and whose pre-tokenizer splits before every "▁": the
+    prepended "▁" stands for the dropped space, so every pre-token, hence every token, is the same).
+    "keep": cut before a space, which starts the next piece (byte-level BPE, GPT-2 style, whose
+    pre-tokens start with their space). None: neither holds for this tokenizer; then pieces are cut
+    after a newline where possible, and tokens may differ from whole-document tokenization next to
+    a cut (the text itself is kept exactly)."""
+    probes = ["ORSINO. If music be the food  of love,\nplay on; na\u00efve \u4e2d\u6587 caf\u00e9 \u2603 12345 x",
+              "a  b\n\n c\t d  ", "<s> x</s> <0x41> y"]
+    cases = []
+    for probe in probes:
+        for j in [i for i, ch in enumerate(probe) if ch == " " and 0 < i < len(probe) - 1]:
+            cases.append((probe, j))
+    whole = dict(zip(probes, encode(probes)))
+    for mode, skip in (("drop", 1), ("keep", 0)):
+        lefts = encode([p[:j] for p, j in cases])
+        rights = encode([p[j + skip:] for p, j in cases])
+        if all(list(a) + list(b) == list(whole[p]) for (p, _), a, b in zip(cases, lefts, rights)):
+            return mode
+    return None
+
+
+def _cut(buf: str, start: int, piece_chars: int, mode: str | None) -> tuple[int, int]:
+    """``(end, next_start)`` of the piece of ``buf`` starting at ``start``, which is longer than
+    ``piece_chars`` after ``start``. Cut points, best first: a space (when ``mode`` says how cutting
+    there keeps tokenization exact) in the second half of the window, a newline, a space, and
+    failing all of these (a long run without whitespace) exactly ``piece_chars`` characters on.
+    Python strings index characters, so no cut falls inside a UTF-8 sequence; a fixed-size cut can
+    still split a run of combining characters, or a word the tokenizer would have kept whole."""
+    low, high = start + piece_chars // 2, start + piece_chars
+    if mode is not None:
+        j = buf.rfind(" ", low, high)
+        if j > start:
+            return (j, j + 1) if mode == "drop" else (j, j)
+    j = buf.rfind("\n", low, high)
+    if j >= start:
+        return j + 1, j + 1
+    j = buf.rfind(" ", low, high)
+    if j > start:
+        return j, j
+    return high, high
+
+
+def split_document(blocks, mode: str | None, piece_chars: int = PIECE_CHARS):
+    """Cut a document, given as an iterable of text blocks, into pieces of at most ``piece_chars``
+    characters (see :func:`_cut`), holding at most one block plus one piece in memory."""
+    buf, pos = "", 0
+    for block in blocks:
+        buf = buf[pos:] + block if pos < len(buf) else block
+        pos = 0
+        # strictly longer than a piece: something always follows a cut, so no piece is empty
+        while len(buf) - pos > piece_chars:
+            end, nxt = _cut(buf, pos, piece_chars, mode)
+            yield buf[pos:end]
+            pos = nxt
+    if pos < len(buf):
+        yield buf[pos:]
+
+
+class _Encoder:
+    """Token ids of pieces of document text, with no special token in them (see :meth:`encode`)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.backend = None
+        if tok.is_fast:
+            from tokenizers import Tokenizer
+
+            # a private copy without truncation or padding (tokenizer.json may carry either)
+            self.backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            self.backend.no_truncation()
+            self.backend.no_padding()
+            self.backend.encode_special_tokens = True  # = split_special_tokens=True
+        self.spellings = _special_spellings(tok)
+        self.special_ids = np.array(sorted(self.spellings), dtype=np.int64)
+        self.byte_spellings = _byte_piece_spellings(tok)
+
+    def raw(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is None:
+            return _encode_plain(self.tok, texts)
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode(self, texts: list[str], keys: list[str]) -> list[np.ndarray]:
+        """Token ids of each text, as uint32 arrays.
+
+        ``split_special_tokens`` stops the fast tokenizer from matching its added special tokens in
+        the text, but a sentencepiece vocabulary holds ``<s>`` etc. as pieces, and the model itself
+        still picks them; such ids are replaced by the bytes of their text (byte fallback), which
+        decode to the same text. Likewise a byte piece that the text spelled out (``<0x41>``)."""
+        if self.backend is None:
+            all_ids, all_spans = _encode_plain(self.tok, texts), [None] * len(texts)
+        else:
+            encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+            all_ids = [e.ids for e in encodings]
+            all_spans = encodings
+        out = []
+        for ids, spans, text, key in zip(all_ids, all_spans, texts, keys):
+            if self.byte_spellings and "<0x" in text and spans is not None:  # only then can a byte piece be literal
+                ids = _spell_out_byte_pieces(ids, spans.offsets, text, self.byte_spellings)
+            arr = np.array(ids, dtype=np.int64)
+            if len(arr) and np.isin(arr, self.special_ids).any():
+                arr = np.array(_spell_out_specials(list(ids), text, key, self.spellings), dtype=np.int64)
+            out.append(arr.astype(np.uint32))
+        return out
 
 
 def _special_spellings(tok) -> dict[int, tuple[str, list[int] | None]]:
@@ -300,18 +582,9 @@ def _spell_out_byte_pieces(ids: list[int], spans, text: str, byte_spellings: dic
     return out
 
 
-def encode_documents(tok, texts: list[str], keys: list[str], spellings: dict) -> list[list[int]]:
-    """Token ids of each document's text, with no special token in them.
-
-    ``split_special_tokens`` stops the fast tokenizer from matching its added special tokens in
-    the text, but a sentencepiece vocabulary holds ``<s>`` etc. as pieces, and the model itself
-    still picks them; such ids are replaced by the bytes of their text (byte fallback), which
-    decode to the same text."""
-    encoded = tok(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=tok.is_fast)
-    all_spans = encoded["offset_mapping"] if tok.is_fast else [None] * len(texts)
-    byte_spellings = _byte_piece_spellings(tok)
-    return [_spell_out_specials(_spell_out_byte_pieces(ids, spans, text, byte_spellings), text, key, spellings)
-            for ids, spans, text, key in zip(encoded["input_ids"], all_spans, texts, keys)]
+def encode_documents(tok, texts: list[str], keys: list[str], spellings: dict | None = None) -> list[list[int]]:
+    """Token ids of each document's text, with no special token in them (see :meth:`_Encoder.encode`)."""
+    return [ids.tolist() for ids in _Encoder(tok).encode(texts, keys)]
 
 
 def _spell_out_specials(ids: list[int], text: str, key: str, spellings: dict) -> list[int]:
@@ -333,44 +606,136 @@ def _spell_out_specials(ids: list[int], text: str, key: str, spellings: dict) ->
     return out
 
 
+# Worker processes (--workers N): each loads the tokenizer once and encodes whole batches.
+_WORKER_ENCODER: _Encoder | None = None
+
+
+def _worker_init(tokenizer_dir: str) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    from tnl_training.tokenizer import load_tokenizer
+
+    _WORKER_ENCODER = _Encoder(load_tokenizer(tokenizer_dir))
+
+
+def _worker_encode(texts: list[str], keys: list[str]) -> list[np.ndarray]:
+    return _WORKER_ENCODER.encode(texts, keys)
+
+
 class _ShardWriter:
+    """Writes the documents of one split into shards as their tokens arrive, straight into a
+    temporary file next to the shard (header written last, then fsync and rename: see
+    :func:`write_shard`), holding only the document offsets of the open shard in memory."""
+
     def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self.entries: list[dict] = []
-        self._reset()
+        self._file, self._tmp = None, None
 
-    def _reset(self):
-        self.parts: list[np.ndarray] = []
-        self.lengths: list[int] = []
-        self.count = 0
+    def _open(self):
+        self.path = self.out_dir / f"{self.split}-{len(self.entries):05d}.bin"
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.out_dir)
+        self._file, self._tmp = os.fdopen(fd, "wb"), Path(tmp)
+        self._file.write(b"\0" * HEADER_SIZE)
+        self._crc, self._count, self._ends = 0, 0, array("q")
 
-    def add(self, ids: np.ndarray):
-        self.parts.append(ids.astype(self.dtype, copy=False))
-        self.lengths.append(len(ids))
-        self.count += len(ids)
-        if self.count >= self.shard_tokens:
-            self.flush()
+    def write(self, ids: np.ndarray) -> None:
+        if self._file is None:
+            self._open()
+        data = np.ascontiguousarray(ids, dtype=self.dtype)
+        self._crc = zlib.crc32(memoryview(data).cast("B"), self._crc)
+        self._file.write(data.tobytes())
+        self._count += len(data)
 
-    def flush(self):
-        if not self.parts:
+    def end_document(self) -> None:
+        self._ends.append(self._count)
+        if self._count >= self.shard_tokens:
+            self.finish()
+
+    def finish(self) -> None:
+        """Complete the open shard (if any) and move it to its name."""
+        if self._file is None:
             return
-        tokens = np.concatenate(self.parts)
-        offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
-        name = f"{self.split}-{len(self.entries):05d}.bin"
-        self.entries.append(write_shard(self.out_dir / name, tokens, offsets))
-        self._reset()
+        offsets = np.concatenate([[0], np.frombuffer(self._ends, dtype=np.int64)]).astype("<i8")
+        payload_crc = zlib.crc32(memoryview(offsets).cast("B"), self._crc) & 0xFFFFFFFF
+        f = self._file
+        f.write(offsets.tobytes())
+        f.seek(0)
+        f.write(_shard_header(self.dtype.itemsize, self._count, len(self._ends), payload_crc))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._file = None
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+        _fsync_dir(self.path.parent)
+        self.entries.append({"file": self.path.name, "tokens": self._count, "docs": len(self._ends),
+                             "crc32": payload_crc, "bytes": HEADER_SIZE + self._count * self.dtype.itemsize
+                             + offsets.nbytes})
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+
+def _scan(files: list[Path], text_field: str, errors: str, val_files: list[str], val_fraction: float,
+          split_seed: int):
+    """First pass, before any tokenizing: reads every file once (so undecodable text, bad JSON and
+    an empty corpus are reported in seconds, not after hours of tokenizing) and decides the split.
+    Returns ``(indices of the text files that hold text, number of documents, keys of the validation
+    documents, ordinal of the fallback validation document or None)``: nothing of corpus size."""
+    with_text: set[int] = set()
+    n_docs, val_keys = 0, []
+    lowest = (2.0, -1, "")
+    for i, f in enumerate(files):
+        if _is_jsonl(f):
+            keys = (key for key, _ in _iter_records(f, text_field, errors))
+        elif _has_text(f, errors):
+            with_text.add(i)
+            keys = iter([f.name])
+        else:
+            keys = iter(())
+        for key in keys:
+            if _is_val(key, f, val_files, val_fraction, split_seed):
+                val_keys.append(key)
+            else:
+                lowest = min(lowest, (_split_hash(key, split_seed), n_docs, key))
+            n_docs += 1
+    fallback = None
+    if val_fraction > 0 and not val_keys and n_docs >= 2:
+        # small corpora: hold out the single document with the lowest split hash
+        fallback = lowest[1]
+        val_keys.append(lowest[2])
+    return with_text, n_docs, val_keys, fallback
 
 
 def prepare_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    val_fraction: float = 0.05, val_files: list[str] | None = None, split_seed: int = 0,
-                   shard_tokens: int = 1 << 26, text_field: str = "text", log=print) -> dict:
-    """Tokenize ``files`` into ``out_dir`` (train/val shards + index.json); returns the index."""
+                   shard_tokens: int = 1 << 26, text_field: str = "text", log=print, errors: str = "strict",
+                   workers: int = 1) -> dict:
+    """Tokenize ``files`` into ``out_dir`` (train/val shards + index.json); returns the index.
+
+    Streams: a text file is read in 1 MiB blocks and tokenized in pieces of at most
+    :data:`PIECE_CHARS` characters (:func:`split_document`; one document all the same, with BOS
+    before its first piece and EOS after its last), and tokens go to disk as they come, so memory
+    stays bounded whatever the file sizes (a JSONL record is held whole while it is tokenized).
+    ``errors``: see :data:`TEXT_ERRORS`. ``workers`` > 1 tokenizes in that many processes; the
+    shards are byte-identical to ``workers=1``."""
     from tnl_training.tokenizer import load_tokenizer
 
+    _check_errors(errors)
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
     files = [Path(f) for f in files]
     for f in files:
         if not f.is_file():
-            raise DataError(f"data file {str(f)!r} does not exist")
+            raise DataError(f"data file {str(f)!r} does not exist" if not f.exists() else
+                            f"data file {str(f)!r} is not a regular file")
     tok = load_tokenizer(tokenizer_dir)
     bos, eos = tok.bos_token_id, tok.eos_token_id
     if bos is None or eos is None:
@@ -378,38 +743,100 @@ def prepare_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.PathL
     vocab = len(tok)
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     val_files = list(val_files or [])
-    settings = {"val_fraction": val_fraction, "val_files": val_files, "split_seed": split_seed,
-                "text_field": text_field, "shard_tokens": shard_tokens, "format": INDEX_FORMAT}
+    settings = shard_settings(val_fraction, val_files, split_seed, text_field, shard_tokens, errors)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_NAME).unlink(missing_ok=True)  # the directory is "not prepared" until the new index lands
-    for old in list(out_dir.glob("train-*.bin")) + list(out_dir.glob("val-*.bin")):
+    for old in list(out_dir.glob("train-*.bin")) + list(out_dir.glob("val-*.bin")) + list(
+            out_dir.glob(".train-*.bin.*.tmp")) + list(out_dir.glob(".val-*.bin.*.tmp")):
         old.unlink()
 
-    docs: list[tuple[str, Path, str]] = []
-    for f in files:
-        for key, text in iter_documents(f, text_field):
-            docs.append((key, f, text))
-    if not docs:
+    with_text, n_docs, val_keys, fallback = _scan(files, text_field, errors, val_files, val_fraction, split_seed)
+    if n_docs == 0:
         raise DataError(f"the corpus is empty: no non-empty document in {[str(f) for f in files]}")
-    is_val = [_is_val(key, f, val_files, val_fraction, split_seed) for key, f, _ in docs]
-    if val_fraction > 0 and not any(is_val) and len(docs) >= 2:
-        # small corpora: hold out the single document with the lowest split hash
-        is_val[min(range(len(docs)), key=lambda i: _split_hash(docs[i][0], split_seed))] = True
-    if all(is_val):
+    if len(val_keys) == n_docs:
         raise DataError("every document went to validation; lower data.val_fraction or narrow data.val_files")
+
+    encoder = _Encoder(tok)
+    mode = cut_mode(encoder.raw)
+
+    def pieces():
+        """``(split, key, text, first, last)`` for every piece of every document, in order."""
+        ordinal = 0
+        for i, f in enumerate(files):
+            if _is_jsonl(f):
+                docs = ((key, [text]) for key, text in _iter_records(f, text_field, errors))
+            else:
+                docs = iter([(f.name, (block for _, block in iter_text(f, errors)))] if i in with_text else [])
+            for key, blocks in docs:
+                val = ordinal == fallback or _is_val(key, f, val_files, val_fraction, split_seed)
+                split = "val" if val else "train"
+                previous, count = None, 0
+                for text in split_document(blocks, mode):
+                    if previous is not None:
+                        yield split, key, previous, count == 1, False
+                    previous, count = text, count + 1
+                yield split, key, previous, count == 1, True
+                ordinal += 1
+
+    def batches():
+        batch, chars = [], 0
+        for item in pieces():
+            batch.append(item)
+            chars += len(item[2])
+            if chars >= BATCH_CHARS or len(batch) >= BATCH_PIECES:
+                yield batch
+                batch, chars = [], 0
+        if batch:
+            yield batch
 
     writers = {"train": _ShardWriter(out_dir, "train", dtype, shard_tokens),
                "val": _ShardWriter(out_dir, "val", dtype, shard_tokens)}
-    spellings = _special_spellings(tok)
-    batch = 64
-    for start in range(0, len(docs), batch):
-        chunk = docs[start:start + batch]
-        encoded = encode_documents(tok, [text for _, _, text in chunk], [key for key, _, _ in chunk], spellings)
-        for (key, f, _), ids, val in zip(chunk, encoded, is_val[start:start + batch]):
-            writers["val" if val else "train"].add(np.asarray([bos, *ids, eos], dtype=np.int64))
-    for w in writers.values():
-        w.flush()
+    bos_arr, eos_arr = np.array([bos], dtype=np.uint32), np.array([eos], dtype=np.uint32)
+
+    def write(batch, encoded):
+        for (split, _, _, first, last), ids in zip(batch, encoded):
+            writer = writers[split]
+            if first:
+                writer.write(bos_arr)
+            writer.write(ids)
+            if last:
+                writer.write(eos_arr)
+                writer.end_document()
+
+    pool = None
+    try:
+        if workers == 1:
+            for batch in batches():
+                write(batch, encoder.encode([b[2] for b in batch], [b[1] for b in batch]))
+        else:
+            import collections
+            import multiprocessing
+
+            # spawn: no fork of a process that may hold threads (tokenizers, torch); at most 2 batches per
+            # worker in flight, so memory stays bounded however far reading runs ahead of tokenizing
+            pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (str(tokenizer_dir),))
+            pending = collections.deque()
+            for batch in batches():
+                pending.append((batch, pool.apply_async(_worker_encode, ([b[2] for b in batch],
+                                                                         [b[1] for b in batch]))))
+                if len(pending) >= 2 * workers:
+                    done, result = pending.popleft()
+                    write(done, result.get())
+            while pending:
+                done, result = pending.popleft()
+                write(done, result.get())
+            pool.close()
+        for w in writers.values():
+            w.finish()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     index = {
         "format": INDEX_FORMAT,
         "fingerprint": fingerprint(files, tokenizer_dir, settings),
@@ -417,12 +844,12 @@ def prepare_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.PathL
         "tokenizer": str(Path(tokenizer_dir).resolve()),
         "settings": settings,
         "sources": [str(f.resolve()) for f in files],
-        "val_documents": [key for (key, _, _), v in zip(docs, is_val) if v],
+        "val_documents": val_keys,
         "splits": {name: w.entries for name, w in writers.items()},
     }
     _atomic_write(out_dir / INDEX_NAME, lambda fh: fh.write(json.dumps(index, indent=1).encode()))
     n = {k: sum(e["tokens"] for e in v) for k, v in index["splits"].items()}
-    log(f"tokenized {len(docs)} documents from {len(files)} files into {out_dir}: "
+    log(f"tokenized {n_docs} documents from {len(files)} files into {out_dir}: "
         f"train {n['train']:,} tokens, validation {n['val']:,} tokens ({len(index['val_documents'])} documents)")
     return index
 
@@ -487,7 +914,8 @@ class TokenRows:
 
 
 __all__ = ["DataError", "write_shard", "open_shard", "Shard", "prepare_shards", "read_index", "open_split",
-           "TokenRows", "expand_files", "fingerprint", "iter_documents"]
+           "TokenRows", "expand_files", "fingerprint", "iter_documents", "iter_text", "iter_lines", "shard_settings",
+           "split_document", "cut_mode", "TEXT_ERRORS"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -502,13 +930,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--shard-tokens", type=int, default=1 << 26)
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--errors", choices=TEXT_ERRORS, default="strict",
+                        help="undecodable (non-UTF-8) bytes: strict = stop with the file name and byte offset "
+                             "(default); replace = turn them into U+FFFD")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="tokenize in N processes (the shards are identical to --workers 1)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     from tnl_training.tokenizer import TokenizerError
 
     try:
         files = expand_files(args.files)
         prepare_shards(files, args.tokenizer, args.out, args.val_fraction, args.val_files, args.split_seed,
-                       args.shard_tokens, args.text_field)
+                       args.shard_tokens, args.text_field, errors=args.errors, workers=args.workers)
     except (DataError, TokenizerError) as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tnl_training.config import ConfigError, RunConfig, resolve_path
 from tnl_training.corpus import fetch_shakespeare, file_lock
-from tnl_training.data import DataError, INDEX_NAME, expand_files, fingerprint, open_split, prepare_shards, read_index
+from tnl_training.data import (DataError, INDEX_NAME, expand_files, fingerprint, open_split, prepare_shards, read_index,
+                               shard_settings)
 from tnl_training.tokenizer import (SPECIAL_DEFAULTS, TokenizerError, special_ids_from_model_config,
                                     train_tokenizer)
 
@@ -107,9 +108,8 @@ def preflight(cfg: RunConfig, config_file=None, log=print, prepare: bool = True,
                 raise PreflightError(f"data path {str(f)!r} is not a file")
         if sum(f.stat().st_size for f in files) == 0:
             raise PreflightError(f"the corpus is empty: {[str(f) for f in files]} hold no text")
-        settings = {"val_fraction": cfg.data.val_fraction, "val_files": list(cfg.data.val_files),
-                    "split_seed": cfg.data.split_seed, "text_field": cfg.data.text_field,
-                    "shard_tokens": cfg.data.shard_tokens, "format": 1}
+        settings = shard_settings(cfg.data.val_fraction, cfg.data.val_files, cfg.data.split_seed,
+                                  cfg.data.text_field, cfg.data.shard_tokens, cfg.data.errors)
 
         shard_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(shard_dir.parent / f".{shard_dir.name}.lock"):
@@ -123,7 +123,7 @@ def preflight(cfg: RunConfig, config_file=None, log=print, prepare: bool = True,
                 log(f"training a {vocab}-token {cfg.tokenizer.model_type} tokenizer on {len(train_files)} files "
                     f"-> {tok_dir}")
                 train_tokenizer(train_files, tok_dir, vocab, special, cfg.tokenizer.model_type,
-                                character_coverage=cfg.tokenizer.character_coverage)
+                                character_coverage=cfg.tokenizer.character_coverage, errors=cfg.data.errors)
             index_ok = False
             if (shard_dir / INDEX_NAME).is_file():
                 index = read_index(shard_dir)
@@ -137,7 +137,8 @@ def preflight(cfg: RunConfig, config_file=None, log=print, prepare: bool = True,
                     raise PreflightError(f"no token shards in {shard_dir}; run `python -m tnl_training.data` or "
                                          "enable data.prepare_if_missing")
                 prepare_shards(files, tok_dir, shard_dir, cfg.data.val_fraction, cfg.data.val_files,
-                               cfg.data.split_seed, cfg.data.shard_tokens, cfg.data.text_field, log=log)
+                               cfg.data.split_seed, cfg.data.shard_tokens, cfg.data.text_field, log=log,
+                               errors=cfg.data.errors)
         index = read_index(shard_dir)
         verify = cfg.data.verify_checksums if verify is None else verify
         train = open_split(shard_dir, "train", verify=verify)

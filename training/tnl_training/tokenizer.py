@@ -49,19 +49,25 @@ def special_ids_from_model_config(model_config: str | os.PathLike) -> dict[str, 
     return ids
 
 
-def _iter_lines(files: list[str]):
+#: longest sentence handed to sentencepiece, in characters (at most 4 bytes each, so within its
+#: ``max_sentence_length`` of 16384 bytes; it skips longer ones): longer lines are cut at spaces
+MAX_SENTENCE_CHARS = 4096
+
+
+def _iter_lines(files: list[str], errors: str = "strict"):
+    """The non-blank lines of ``files``, streamed (no file is held in memory): a line longer than
+    :data:`MAX_SENTENCE_CHARS` (a file without newlines) comes in pieces instead of being skipped."""
+    from tnl_training.data import iter_lines
+
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    yield line
+        yield from iter_lines(path, errors, MAX_SENTENCE_CHARS, error_class=TokenizerError)
 
 
 def train_sentencepiece(files: list[str], model_prefix: str, vocab_size: int, special_ids: dict[str, int],
                         model_type: str = "unigram", input_sentence_size: int = 2_000_000, seed: int = 0,
-                        character_coverage: float = DEFAULT_CHARACTER_COVERAGE) -> str:
-    """Train a sentencepiece model on ``files``; returns the path of the ``.model`` file."""
+                        character_coverage: float = DEFAULT_CHARACTER_COVERAGE, errors: str = "strict") -> str:
+    """Train a sentencepiece model on ``files``; returns the path of the ``.model`` file. ``errors``:
+    undecodable bytes stop training with the file and byte offset ("strict") or become U+FFFD ("replace")."""
     import sentencepiece as spm
 
     if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:
@@ -74,7 +80,7 @@ def train_sentencepiece(files: list[str], model_prefix: str, vocab_size: int, sp
         raise TokenizerError(f"the tokenizer training files are empty: {files}")
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_iter_lines(files),
+            sentence_iterator=_iter_lines(files, errors),
             model_prefix=model_prefix,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -221,9 +227,10 @@ def _proto_varint_field(buf: bytes, number: int):
 
 def train_tokenizer(files: list[str], out_dir: str | os.PathLike, vocab_size: int,
                     special_ids: dict[str, int] | None = None, model_type: str = "unigram", seed: int = 0,
-                    character_coverage: float = DEFAULT_CHARACTER_COVERAGE):
+                    character_coverage: float = DEFAULT_CHARACTER_COVERAGE, errors: str = "strict"):
     """Train on ``files`` and save an AutoTokenizer-loadable directory atomically; returns the tokenizer.
-    ``character_coverage``: the share of the text's characters that get a piece; the rest are spelled in bytes."""
+    ``character_coverage``: the share of the text's characters that get a piece; the rest are spelled in bytes.
+    ``errors``: see :func:`train_sentencepiece`."""
     special_ids = dict(special_ids or SPECIAL_DEFAULTS)
     if vocab_size < 256 + len(special_ids) + 8:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces "
@@ -237,7 +244,7 @@ def train_tokenizer(files: list[str], out_dir: str | os.PathLike, vocab_size: in
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model_file = train_sentencepiece(files, str(tmp / "tokenizer"), vocab_size, special_ids, model_type, seed=seed,
-                                         character_coverage=character_coverage)
+                                         character_coverage=character_coverage, errors=errors)
         fast = to_fast_tokenizer(model_file, special_ids)
         fast.save_pretrained(str(tmp))
         if out_dir.exists():
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--character-coverage", type=float, default=DEFAULT_CHARACTER_COVERAGE,
                         help="share of the characters that get a piece; rarer ones are spelled in bytes")
+    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                        help="undecodable (non-UTF-8) bytes: strict = stop with the file name and byte offset "
+                             "(default); replace = turn them into U+FFFD")
     args = parser.parse_args(argv)
     special = SPECIAL_DEFAULTS
     vocab_size = args.vocab_size
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give --vocab-size or --model-config")
     try:
         tok = train_tokenizer(args.files, args.out, vocab_size, special, args.model_type, args.seed,
-                              args.character_coverage)
+                              args.character_coverage, errors=args.errors)
     except TokenizerError as err:
         raise SystemExit(f"error: {err}") from None
     sample = "To be, or not to be, that is the question."
