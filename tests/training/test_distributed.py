@@ -5,6 +5,7 @@ single-process run, and the exported directory loads with the Auto classes."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,33 @@ def test_zero3_loss_falls(prepared_corpus, tmp_path):
     _check_falls(tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["export_max_abs_logit_diff"] < 1e-5
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, 'w')``: what a planted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_export_of_a_planted_checkpoint_is_refused(zero2_run, tmp_path):
+    run_dir, _ = zero2_run
+    planted = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoints", planted / "checkpoints")
+    tag = (planted / "checkpoints" / "latest").read_text().strip()
+    marker = tmp_path / "pwned"
+    target = planted / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+    states = torch.load(target, map_location="cpu", weights_only=True)
+    states["payload"] = _Payload(marker)
+    torch.save(states, target)
+    proc = subprocess.run([sys.executable, "-m", "tnl_training.export", str(planted), str(tmp_path / "out")],
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "mp_rank_00_model_states.pt: refused to load io.open" in proc.stderr + proc.stdout
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_zero0_run_exports_the_trained_weights(prepared_corpus, tmp_path):

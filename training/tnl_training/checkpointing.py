@@ -98,7 +98,9 @@ def convert_to_universal(tag_dir: Path, log) -> Path:
     tmp = tag_dir.parent / f".{tag_dir.name}_universal.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"converting {tag_dir} to a universal checkpoint for a different world size ...")
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+    # ds_to_universal unpickles with weights_only=False: run it under tnl_training.safe_load.
+    cmd = [sys.executable, "-m", "tnl_training.safe_load", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
            "--inject_missing_state"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_load import UnsafeCheckpointError, weights_only_loading
+
 
 class ExportError(ValueError):
     pass
@@ -52,7 +54,11 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     stage0 = _stage0_module_weights(Path(ckpt_dir) / tag)
     if stage0 is not None:
         return stage0
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with weights_only_loading():  # zero_to_fp32 unpickles with weights_only=False: no code may run
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except UnsafeCheckpointError as err:
+            raise ExportError(str(err)) from None
 
 
 def _stage0_module_weights(tag_dir: Path) -> dict[str, torch.Tensor] | None:

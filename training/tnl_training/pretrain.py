@@ -42,6 +42,7 @@ from tnl_training.documents import pack_documents, unpack_rows
 from tnl_training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from tnl_training.metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
 from tnl_training.prepare import PreflightError, Prepared, preflight
+from tnl_training.safe_load import UnsafeCheckpointError, weights_only_loading
 
 #: keys of the DeepSpeed JSON that come from the run config and must not be set there
 INJECTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -390,8 +391,9 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     step, cursor, tokens, skipped_before = 0, 0, 0, 0
     if resume_from is not None:
         load_dir, tag = str(resume_from.parent), resume_from.name
-        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        with weights_only_loading():  # DeepSpeed's checkpoint engine unpickles: no code from the files may run
+            path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"could not load checkpoint {resume_from}")
         state = (client or {}).get("tnl") or resume_state
@@ -600,7 +602,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"config error: {err}") from None
     try:
         summary = train(cfg, args.config)
-    except (PreflightError, ConfigError, CheckpointLoadError) as err:
+    except (PreflightError, ConfigError, CheckpointLoadError, UnsafeCheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
     except (CheckpointSaveError, NonFiniteLossError) as err:
         # the run cannot go on; the message says what is still safe on disk. A rank that failed
