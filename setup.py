@@ -56,8 +56,10 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.16,<1", "matplotlib>=3.7", "tensorboard>=2.14"],
         "gpu": ["flash-attn>=2.6"],
+        # `tnl convert to-gguf`, and llama.cpp to test it (an sdist: builds llama.cpp from source)
+        "gguf": ["gguf>=0.19", "llama-cpp-python>=0.3.36"],
         "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "accelerate>=1.0", "peft>=0.13",
-                 "lm-eval>=0.4.13", "parameterized>=0.9"],
+                 "lm-eval>=0.4.13", "parameterized>=0.9", "gguf>=0.19"],
     },
     entry_points={"console_scripts": ["tnl=tnl_model.cli:main", "tnl-pretrain=tnl_training.pretrain:main"]},
     classifiers=[

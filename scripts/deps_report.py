@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 
 WATCHED = ["torch", "triton", "transformers", "kernels", "huggingface-hub", "tokenizers", "safetensors", "deepspeed",
-           "accelerate", "peft", "sentencepiece", "numpy", "setuptools", "pip"]
+           "accelerate", "peft", "lm-eval", "gguf", "llama-cpp-python", "sentencepiece", "numpy", "setuptools", "pip"]
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ COVERAGE = {
     "tnl info MODEL_DIR_OR_CONFIG.json --context-length":
         "tests/ecosystem/test_cli.py::test_info_prints_the_snapshot_size_for_a_context_length",
     "tnl convert": "tests/ecosystem/test_cli.py::test_convert_is_the_real_entry_point",
+    "tnl convert to-gguf": "tests/ecosystem/test_gguf.py::test_llama_cpp_computes_the_same_model",
     "tnl eval MODEL_DIR --tasks": "tests/ecosystem/test_lm_eval.py::test_tnl_eval_runs_lm_eval_on_a_model_directory",
     "tnl train": "tests/ecosystem/test_cli.py::test_forwarding_subcommands",
     "tnl export": "tests/ecosystem/test_cli.py::test_forwarding_subcommands",

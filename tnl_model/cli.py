@@ -7,7 +7,7 @@
     tnl generate MODEL_DIR --load-context DOC.tnlctx --prompt "Q: ..."         # ask about it, any number of times
     tnl info MODEL_DIR_OR_CONFIG_JSON [--context-length N]   # layer pattern, parameters, cache/snapshot sizes
     tnl eval MODEL_DIR --tasks TASK [--include-path DIR] [lm-eval flags]   # lm-evaluation-harness
-    tnl convert {from-minimax,to-minimax} SRC DST      # = python -m tnl_model.convert
+    tnl convert {from-minimax,to-minimax,to-gguf} SRC DST   # = python -m tnl_model.convert
     tnl train ...                                      # = python -m tnl_training.pretrain
     tnl export ...                                     # = python -m tnl_training.export
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from .cpu_allocator import configure_from_env
 
 FORWARDED = {
-    "convert": ("tnl_model.convert", "convert checkpoints between MiniMax-Text-01 and TNL"),
+    "convert": ("tnl_model.convert", "convert checkpoints between MiniMax-Text-01 and TNL, or to GGUF for llama.cpp"),
     "train": ("tnl_training.pretrain", "DeepSpeed pretraining (run under the deepspeed launcher for >1 process)"),
     "export": ("tnl_training.export", "export a training checkpoint to a Hugging Face model directory"),
 }

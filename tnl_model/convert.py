@@ -2,10 +2,12 @@
 
     python -m tnl_model.convert from-minimax SRC DST
     python -m tnl_model.convert to-minimax SRC DST
+    python -m tnl_model.convert to-gguf MODEL_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0] [--tokenizer DIR]
 
-SRC and DST are directories. Only safetensors are read or written. Tokenizer and
-generation-config files are copied along. The model is never instantiated, so
-conversion of a full-size checkpoint needs memory for one layer's experts only.
+SRC and DST are directories; to-gguf writes one file, for llama.cpp's minimax-01 architecture
+(see tnl_model.gguf_export). Only safetensors are read or written (besides that GGUF). Tokenizer and
+generation-config files are copied along. The model is never instantiated, so conversion of a
+full-size checkpoint needs memory for one layer's experts only.
 """
 
 import argparse
@@ -88,25 +90,37 @@ def export_notes(minimax_config: dict) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tnl_model.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("direction", choices=["from-minimax", "to-minimax"])
+    parser.add_argument("direction", choices=["from-minimax", "to-minimax", "to-gguf"])
     parser.add_argument("src", help="source checkpoint directory")
-    parser.add_argument("dst", help="destination directory (created)")
+    parser.add_argument("dst", help="destination directory (created); for to-gguf, the .gguf file")
+    parser.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                        help="to-gguf: weight type (default f16; norms and the router stay f32)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="to-gguf: directory with the tokenizer.json (default: the model directory)")
     args = parser.parse_args(argv)
+    if args.direction != "to-gguf" and (args.outtype is not None or args.tokenizer is not None):
+        parser.error("--outtype and --tokenizer only apply to to-gguf")
     try:
         if args.direction == "from-minimax":
             config = from_minimax(args.src, args.dst)
             print(f"wrote TNL checkpoint to {args.dst} ({config.num_hidden_layers} layers, "
                   f"{config.layer_types.count('full_attention')} softmax)")
-        else:
+        elif args.direction == "to-minimax":
             minimax_config = to_minimax(args.src, args.dst)
             for note in export_notes(minimax_config):
                 print(f"note: {note}")
             print(f"wrote MiniMax checkpoint to {args.dst}")
+        else:
+            from .gguf_export import export_gguf
+
+            outtype = args.outtype or "f16"
+            for note in export_gguf(args.src, args.dst, outtype=outtype, tokenizer_dir=args.tokenizer):
+                print(f"note: {note}")
+            print(f"wrote GGUF ({outtype}, llama.cpp architecture minimax-01) to {args.dst}")
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
