@@ -260,6 +260,13 @@ def _stacked(states: list, empty_shape: tuple, device) -> torch.Tensor:
     return torch.cat(states, dim=0) if len(states) > 1 else states[0]
 
 
+def _starting_state(initial_state, states, rows: slice, q: torch.Tensor, dim_v: int) -> torch.Tensor:
+    """fp32 ``[rows, H, D, E]``: the given initial states of these sequences, or zeros."""
+    if initial_state is not None:
+        return initial_state[states].float()
+    return q.new_zeros(rows.stop - rows.start, q.shape[2], q.shape[3], dim_v, dtype=torch.float32)
+
+
 class ChunkedLightningAttn(torch.autograd.Function):
     """Autograd wrapper: public ``[B, T, H, *]`` layout in and out, fp32 compute, analytic backward."""
 
@@ -271,11 +278,7 @@ class ChunkedLightningAttn(torch.autograd.Function):
         out = torch.empty(batch, length, heads, dim_v, dtype=torch.float32, device=q.device)
         finals = []
         for rows, start, stop, states in _sequences(cu_seqlens, batch):
-            n_rows = rows.stop - rows.start
-            if initial_state is None:
-                state = q.new_zeros(n_rows, heads, dim_k, dim_v, dtype=torch.float32)
-            else:
-                state = initial_state[states].float()
+            state = _starting_state(initial_state, states, rows, q, dim_v)
             piece, final = chunked_forward(_heads_first(q, rows, start, stop), _heads_first(k, rows, start, stop),
                                            _heads_first(v, rows, start, stop), rates, state, block_size)
             _write_into(out[rows, start:stop].transpose(1, 2), torch.mul, piece, scale)
@@ -298,11 +301,7 @@ class ChunkedLightningAttn(torch.autograd.Function):
         grads = [torch.empty(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v)]
         d_states = []
         for rows, start, stop, states in _sequences(cu_seqlens, batch):
-            n_rows = rows.stop - rows.start
-            if initial_state is None:
-                state0 = q.new_zeros(n_rows, heads, dim_k, dim_v, dtype=torch.float32)
-            else:
-                state0 = initial_state[states].float()
+            state0 = _starting_state(initial_state, states, rows, q, dim_v)
             gf = grad_final[states].float() if grad_final is not None else None
             views = tuple(g[rows, start:stop].transpose(1, 2) for g in grads)
             _, _, _, ds = chunked_backward(

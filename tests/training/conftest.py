@@ -2,7 +2,7 @@
 
 import pytest
 
-from tnl_training.testing import write_corpus, write_run_config
+from tnl_training.testing import TINY, write_corpus, write_run_config
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +16,14 @@ def prepared_corpus(tmp_path_factory):
     cfg_path = write_run_config(root / "run.yaml", root)
     preflight(load_config(cfg_path), cfg_path, log=lambda m: None)
     return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A 512-piece sentencepiece tokenizer trained on a small generated corpus."""
+    from tnl_training.tokenizer import special_ids_from_model_config, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    files = write_corpus(root / "texts", n_docs=3)
+    train_tokenizer(files, root / "tok", 512, special_ids_from_model_config(TINY))
+    return root / "tok"

@@ -11,14 +11,6 @@ from tnl_training.data import (DataError, TokenRows, expand_files, open_shard, o
 from tnl_training.tokenizer import special_ids_from_model_config, train_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    files = write_corpus(root / "texts", n_docs=3)
-    train_tokenizer(files, root / "tok", 512, special_ids_from_model_config(TINY))
-    return root / "tok"
-
-
 def test_shard_round_trip_and_offsets(tmp_path):
     tokens = np.arange(1000, dtype=np.uint16)
     offsets = np.array([0, 10, 500, 1000])

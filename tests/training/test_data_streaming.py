@@ -19,14 +19,6 @@ from tnl_training.tokenizer import TokenizerError, special_ids_from_model_config
 WORDS = ["Orsino", "Viola", "loves", "the", "sea,", "a", "letter.", "caf\u00e9", "\u4e2d\u6587", "\u2603", "x" * 11]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    files = write_corpus(root / "texts", n_docs=3)
-    train_tokenizer(files, root / "tok", 512, special_ids_from_model_config(TINY))
-    return root / "tok"
-
-
 def _words(n, seed=0, sep=" "):
     rng = random.Random(seed)
     return sep.join(rng.choice(WORDS) for _ in range(n))

@@ -548,6 +548,7 @@ def train(cfg: RunConfig, config_file=None) -> dict:
             if cfg.sample_prompt:
                 summary["sample"] = sample_text(export_dir, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
                 log(f"sample continuation:\n{summary['sample']}")
+            log(export_hints(export_dir))
         dist.barrier()
     if is_main:
         png = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
@@ -560,6 +561,26 @@ def train(cfg: RunConfig, config_file=None) -> dict:
         metrics.close()
     dist.barrier()
     return summary
+
+
+def export_hints(export_dir: Path) -> str:
+    """The commands that take the exported model elsewhere, or why a format cannot hold it."""
+    from tnl_model import TNLConfig
+    from tnl_model.gguf_export import llama_cpp_problems
+    from tnl_model.minimax_format import config_to_minimax
+
+    config = TNLConfig.from_pretrained(str(export_dir))
+    lines = [f"run it: tnl generate {export_dir} --prompt \"...\""]
+    try:
+        config_to_minimax(config)
+        lines.append(f"MiniMax format (transformers' MiniMaxForCausalLM): tnl convert to-minimax {export_dir} "
+                     f"{export_dir}-minimax")
+    except ValueError as err:
+        lines.append(f"MiniMax format: not available ({err})")
+    problems = llama_cpp_problems(config)
+    lines.append(f"llama.cpp (GGUF): tnl convert to-gguf {export_dir} {export_dir}.gguf --outtype f16" if not problems
+                 else "llama.cpp (GGUF): not available (" + "; ".join(problems) + ")")
+    return "\n".join(lines)
 
 
 def export_logits_diff(export_dir: Path, input_ids: torch.Tensor, engine_logits: torch.Tensor) -> float:
