@@ -1,6 +1,6 @@
 """Strict, pickle-free loading of TNL checkpoints through ``from_pretrained``.
 
-What transformers 5.24 does on its own, and what this module changes:
+What transformers (5.24, 5.25) does on its own, and what this module changes:
 
 * A directory with only ``pytorch_model.bin`` is loaded by default (with
   ``torch.load(weights_only=True)``, i.e. it is unpickled). Here it is refused with a
@@ -33,7 +33,6 @@ directory with a config from the safetensors headers alone (no weights are read)
 
 from __future__ import annotations
 
-import contextvars
 import json
 import math
 import os
@@ -255,45 +254,37 @@ def missing_error(source, missing, unexpected=()) -> CheckpointMismatchError:
     return CheckpointMismatchError(text)
 
 
-@dataclass
-class _Strictness:
-    allow_missing_weights: bool = False
-
-
-_STRICTNESS: contextvars.ContextVar[_Strictness] = contextvars.ContextVar("tnl_strict_loading", default=_Strictness())
-
-
 class StrictLoadingMixin:
     """Put first in ``TNLPreTrainedModel``'s bases: pickle-free, strict ``from_pretrained``.
 
     Extra keyword arguments: ``allow_pickle=False`` and ``allow_missing_weights=False``
-    (both also work through ``AutoModelForCausalLM.from_pretrained``).
+    (both also work through ``AutoModelForCausalLM.from_pretrained``). Built on public entry points
+    only: a local directory is checked against the config from its safetensors headers before
+    transformers reads a weight (every mismatched tensor listed, instead of transformers' "look at
+    the report above"), and transformers' own ``output_loading_info`` tells which tensors it did not
+    find (a missing head is initialised, as transformers does; a missing body weight is an error).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_pickle: bool = False,
                         allow_missing_weights: bool = False, **kwargs):
         kwargs = prepare_from_pretrained_kwargs(pretrained_model_name_or_path, kwargs, allow_pickle=allow_pickle)
-        token = _STRICTNESS.set(_Strictness(allow_missing_weights=allow_missing_weights))
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        finally:
-            _STRICTNESS.reset(token)
-
-    @staticmethod
-    def _finalize_model_loading(model, load_config, loading_info):
-        from transformers import PreTrainedModel
-
-        source = load_config.pretrained_model_name_or_path
-        if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
-            raise mismatch_error(source, loading_info.mismatched_keys)
-        info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
-        # A missing head is transformers' standard flow (a base-model checkpoint in a causal-LM class):
-        # it is initialised and transformers warns. A missing body weight stays an error.
-        missing_body = [key for key in info.missing_keys if key.startswith(f"{model.base_model_prefix}.")]
-        if missing_body and not _STRICTNESS.get().allow_missing_weights:
-            raise missing_error(source, missing_body, info.unexpected_keys)
-        return info
+        source = pretrained_model_name_or_path
+        directory = Path(source, kwargs.get("subfolder", "") or "") if source is not None else None
+        config = kwargs.get("config")
+        if (directory is not None and directory.is_dir() and kwargs.get("use_safetensors")
+                and not kwargs.get("ignore_mismatched_sizes") and (config is None or hasattr(config, "layer_types"))
+                and not (set(kwargs) & set(cls.config_class().to_dict()))):  # config overrides: checked after
+            report = verify_checkpoint(directory, config)
+            if report.mismatched:
+                raise mismatch_error(directory, report.mismatched)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              **kwargs)
+        missing_body = [key for key in info["missing_keys"] if key.startswith(f"{model.base_model_prefix}.")]
+        if missing_body and not allow_missing_weights:
+            raise missing_error(source, missing_body, info["unexpected_keys"])
+        return (model, info) if want_info else model
 
 
 def strict_loading_installed(model_class=None) -> bool:
