@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-from tnl_kernels import lightning_attn
+from tnl_kernels import lightning_attn, lightning_attn_decode
 
 
 @dataclass
@@ -177,12 +177,22 @@ class LightningStateLayer(LinearAttentionCacheLayerMixin):
         self.record = None  # beams are not rolled back; a stale record must not be replayed on reordered rows
 
 
+#: up to this many kept tokens the state is rebuilt by decode steps (what plain decoding of them computes,
+#: and cheaper than the chunked operator's set-up for a handful of tokens); beyond, by the operator
+DECODE_STEPS_UP_TO = 4
+
+
 def _rebuild_state(record: RollbackRecord, keep: int) -> torch.Tensor:
     """The state after the first ``keep`` recorded tokens, from the state before them."""
     keys = torch.cat(record.keys, dim=1)[:, :keep]
     values = torch.cat(record.values, dim=1)[:, :keep]
     if keep == 0:
         return record.initial_state.clone()
+    if record.initial_state is not None and keep <= DECODE_STEPS_UP_TO:
+        state = record.initial_state.clone()
+        for t in range(keep):  # the output is not needed; the key stands in for the query
+            lightning_attn_decode(keys[:, t], keys[:, t], values[:, t], record.slopes, state)
+        return state
     # The operator's output is not needed; the keys stand in for the queries.
     _, state = lightning_attn(keys, keys, values, record.slopes, initial_state=record.initial_state,
                               output_final_state=True)
