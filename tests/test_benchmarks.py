@@ -58,3 +58,22 @@ def test_bench_tokenize_quick(tmp_path):
     assert [round(r["megabytes"]) for r in data["runs"]] == [1, 3]
     assert data["workers_2"]["same_shards"] and data["max_peak_rss_mib"] < 1024
 
+
+def test_bench_speculative_quick(tmp_path):
+    out = _run("bench_speculative.py", "--quick", "--out", tmp_path)
+    assert "transformers MiniMaxForCausalLM" in out
+    data = _outputs(tmp_path, "bench_speculative_cpu_float32_quick")
+    assert {"model", "draft", "cases", "ttft", "round_costs", "minimax", "summary", "targets"} <= set(data)
+    assert set(data["cases"]) == {"copy", "self_repeat", "natural", "adversarial"}
+    for case in data["cases"].values():
+        assert {"greedy", "lookup K=10", "assisted"} <= set(case["methods"])
+        for name, row in case["methods"].items():
+            assert row["identical_to_greedy"], name
+            assert {"tokens_per_s", "speedup", "acceptance_rate"} <= set(row)
+            if name != "greedy":
+                assert {"drafted", "accepted", "rollbacks", "tokens_rolled_back"} <= set(row)
+    assert data["targets"]["all_outputs_identical_to_greedy"]
+    assert sum(r["rollbacks"] for c in data["cases"].values() for m, r in c["methods"].items() if m != "greedy") > 0
+    ttft = data["ttft"]["target"]
+    assert ttft["doc_tokens"] == 2048 and ttft["same_first_token"] and ttft["snapshot_bytes"] > 0
+    assert data["minimax"]["attempts"]  # what transformers' MiniMax did with prompt lookup / an assistant

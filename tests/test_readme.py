@@ -46,6 +46,7 @@ COVERAGE = {
     "python benchmarks/bench_long_context.py": "tests/test_benchmarks.py::test_bench_long_context_small",
     "python benchmarks/bench_lightning_attn.py": "tests/test_benchmarks.py::test_bench_lightning_attn_cpu_smoke",
     "python benchmarks/bench_tokenize.py": "tests/test_benchmarks.py::test_bench_tokenize_quick",
+    "python benchmarks/bench_speculative.py": "tests/test_benchmarks.py::test_bench_speculative_quick",
 }
 COMMAND_START = ("make ", "tnl ", "python -m ", "python benchmarks/", "deepspeed ", ".venv/bin/")
 

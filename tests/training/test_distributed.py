@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from tnl_training.checkpointing import write_manifest
 from tnl_training.metrics import read_metrics, step_losses
 from tnl_training.testing import REPO, launch_cmd, run_env, run_training, write_run_config
 
@@ -116,6 +117,7 @@ def test_export_of_a_planted_checkpoint_is_refused(zero2_run, tmp_path):
     states = torch.load(target, map_location="cpu", weights_only=True)
     states["payload"] = _Payload(marker)
     torch.save(states, target)
+    write_manifest(target.parent)  # a manifest guards against damage, not against whoever can rewrite it
     proc = subprocess.run([sys.executable, "-m", "tnl_training.export", str(planted), str(tmp_path / "out")],
                           env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -10,9 +10,15 @@ Layout of ``output_dir/checkpoints``::
     latest             the newest complete tag
     .step50.partial/   a save in progress; never read, removed by the next save
 
-A save writes into ``.stepN.partial``, adds ``run_state.json``, renames the directory to ``stepN``
-and only then rewrites ``latest`` (write to a temporary name, then rename) and drops old tags.
+A save writes into ``.stepN.partial``, adds ``run_state.json`` and then ``manifest.json`` (name,
+size and sha256 of every other file in the directory), renames the directory to ``stepN`` and only
+then rewrites ``latest`` (write to a temporary name, then rename) and drops old tags.
 A crash at any point leaves the previous checkpoint and ``latest`` as they were.
+
+Resume and export verify the manifest first (:func:`verify_checkpoint`) and name the file that is
+missing, has another size or other bytes. Resuming from ``latest`` skips a checkpoint that fails
+for the newest one that passes and says so; ``--resume TAG`` fails instead. A checkpoint without a
+manifest (saved by an older version) is used with a warning.
 
 Each rank's random state (torch CPU and CUDA generators as uint8 tensors, python ``random`` and
 numpy's global generator as JSON in the safetensors metadata; no pickle) is saved with the
@@ -23,12 +29,14 @@ random streams.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +55,10 @@ FREE_SPACE_MARGIN = 1.1
 RNG_STATE = "rng_state_rank{rank}.safetensors"
 RNG_STATE_KEY = "rng_state_files"
 RNG_STATE_FORMAT = "1"
+#: integrity manifest in each tag directory: {"format", "files": {relative name: {"size", "sha256"}}}
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "1"
+HASH_BLOCK = 1 << 20  # files are hashed in 1 MiB blocks (never read whole)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -67,26 +79,153 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=lambda t: int(t[4:]))
 
 
-def find_resume(mode: str, ckpt_dir: Path) -> Path | None:
-    """The checkpoint directory to resume from (``mode`` is the run config's ``resume``), or None."""
+def _step_dirs(ckpt_dir: Path) -> list[str]:
+    """Every ``stepN`` directory, complete or not, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    names = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit()]
+    return sorted(names, key=lambda t: int(t[4:]), reverse=True)
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag named by ``ckpt_dir/latest`` (None when there is no such file); raises
+    :class:`CheckpointLoadError` when its content is not a tag name."""
+    latest_file = ckpt_dir / LATEST
+    if not latest_file.is_file():
+        return None
+    fix = (f"write the tag of the checkpoint to continue from into it (e.g. step100), or pass --resume TAG "
+           f"(tags here: {', '.join(reversed(_step_dirs(ckpt_dir))) or 'none'})")
+    try:
+        tag = latest_file.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointLoadError(f"{latest_file} is not text (not UTF-8): {fix}") from None
+    if not (tag.startswith("step") and tag[4:].isdigit()):
+        shown = tag if len(tag) <= 40 else tag[:40] + "..."
+        raise CheckpointLoadError(f"{latest_file} does not name a checkpoint (it holds {shown!r}): {fix}")
+    return tag
+
+
+def read_run_state(tag_dir: Path) -> dict:
+    """``tag_dir/run_state.json``; raises :class:`CheckpointLoadError` when missing or malformed."""
+    path = Path(tag_dir) / RUN_STATE
+    if not path.is_file():
+        raise CheckpointLoadError(f"{path} is missing: {tag_dir} is not a complete checkpoint")
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        for key in ("step", "cursor", "tokens", "world_size"):
+            if not isinstance(state.get(key), int):
+                raise ValueError(f"no integer {key!r}")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointLoadError(f"{path} is malformed ({err}): {tag_dir} cannot be resumed") from None
+    return state
+
+
+# ------------------------------------------------------------------------------ integrity manifest
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(tag_dir: Path) -> dict:
+    """Write ``tag_dir/manifest.json``: size and sha256 of every other file below ``tag_dir``."""
+    tag_dir = Path(tag_dir)
+    files = {}
+    for p in sorted(tag_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
+            files[p.relative_to(tag_dir).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    manifest = {"format": MANIFEST_FORMAT, "files": files}
+    _write_atomically(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_checkpoint(tag_dir: Path) -> bool:
+    """Check every file of checkpoint ``tag_dir`` against its manifest. Returns False when the
+    checkpoint has no manifest (saved by an older version), True when all files match; raises
+    :class:`CheckpointLoadError` naming the first file that is missing, has another size or other
+    bytes (sizes are compared before anything is hashed)."""
+    tag_dir = Path(tag_dir)
+    path = tag_dir / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        files = manifest["files"]
+        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointLoadError(f"{path} is malformed ({type(err).__name__}: {err}): the files of {tag_dir} "
+                                  "cannot be verified") from None
+    for name, size, _ in entries:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointLoadError(f"{path} is malformed: it lists {name!r}, outside {tag_dir}")
+        f = tag_dir / name
+        if not f.is_file():
+            raise CheckpointLoadError(f"{f} is missing (listed in {MANIFEST})")
+        actual = f.stat().st_size
+        if actual != size:
+            raise CheckpointLoadError(f"{f} has {actual:,} bytes, {MANIFEST} says {size:,} (truncated or "
+                                      "overwritten)")
+    for name, _, sha in entries:
+        if file_sha256(tag_dir / name) != sha:
+            raise CheckpointLoadError(f"{tag_dir / name} does not match its sha256 in {MANIFEST} (its bytes "
+                                      "changed since the save: disk or copy corruption)")
+    return True
+
+
+def check_checkpoint(tag_dir: Path, log) -> dict:
+    """Verify ``tag_dir`` (manifest, ``run_state.json``) and return its run state; raises
+    :class:`CheckpointLoadError`. A checkpoint without a manifest gets a one-line warning."""
+    if not verify_checkpoint(tag_dir):
+        log(f"warning: checkpoint {tag_dir} has no {MANIFEST} (saved by an older version): its files are not "
+            "verified")
+    return read_run_state(tag_dir)
+
+
+def find_resume(mode: str, ckpt_dir: Path, log=lambda m: None) -> Path | None:
+    """The checkpoint directory to resume from (``mode`` is the run config's ``resume``), or None.
+
+    Every candidate is verified (:func:`check_checkpoint`). With ``auto``/``latest`` a checkpoint
+    that fails is skipped for the newest older one that passes, with one line saying which file
+    failed; a named tag that fails raises :class:`CheckpointLoadError`."""
     if mode in ("none", "no", "false", ""):
         return None
-    tags = checkpoint_tags(ckpt_dir)
     if mode in ("auto", "latest"):
-        latest_file = ckpt_dir / LATEST
-        tag = latest_file.read_text().strip() if latest_file.is_file() else None
-        if tag not in tags:
-            tag = tags[-1] if tags else None
-        if tag is None:
+        latest = read_latest(ckpt_dir)
+        candidates = _step_dirs(ckpt_dir)
+        if latest is not None and latest in candidates:  # `latest` first, then every other tag, newest first
+            candidates = [latest] + [t for t in candidates if t != latest]
+        if not candidates:
             if mode == "latest":
                 raise PreflightError(f"--resume: no checkpoint in {ckpt_dir}")
             return None
-        return ckpt_dir / tag
+        failures = []
+        for tag in candidates:
+            try:
+                check_checkpoint(ckpt_dir / tag, log)
+            except CheckpointLoadError as err:
+                failures.append(str(err))
+                continue
+            for failed_tag, why in zip(candidates, failures):
+                log(f"warning: skipping checkpoint {ckpt_dir / failed_tag}: {why}; resuming from {ckpt_dir / tag}")
+            return ckpt_dir / tag
+        raise CheckpointLoadError(
+            f"{failures[0]}; no checkpoint in {ckpt_dir} passes verification"
+            + ("" if len(failures) == 1 else " (" + "; ".join(f"{t}: {w}" for t, w in zip(candidates[1:], failures[1:])) + ")")
+            + ": restore the files from a copy, or start a new run (resume=none or another output_dir)")
     path = Path(mode)
     if not path.is_dir():
         path = ckpt_dir / mode
-    if not (path / RUN_STATE).is_file():
-        raise PreflightError(f"--resume {mode}: {path} is not a complete checkpoint (no {RUN_STATE})")
+    if not path.is_dir():
+        raise PreflightError(f"--resume {mode}: no checkpoint {path}")
+    try:
+        check_checkpoint(path, log)
+    except CheckpointLoadError as err:
+        raise CheckpointLoadError(f"--resume {mode}: {err}. Resume from another checkpoint (--resume TAG, or "
+                                  "--resume for the newest one that verifies)") from None
     return path
 
 
@@ -208,8 +347,10 @@ def check_free_space(ckpt_dir: Path, previous: Path | None) -> None:
 
 
 def publish(ckpt_dir: Path, staging: Path, tag: str, state: dict) -> Path:
-    """Turn a fully written staging directory into checkpoint ``tag`` and point ``latest`` at it."""
+    """Turn a fully written staging directory into checkpoint ``tag`` (run state and manifest added)
+    and point ``latest`` at it."""
     _write_atomically(staging / RUN_STATE, json.dumps(state, indent=1))
+    write_manifest(staging)
     final = ckpt_dir / tag
     if final.exists():  # the same step saved again (e.g. a stop signal right after a periodic save)
         old = ckpt_dir / f".{tag}.replaced"
@@ -301,9 +442,12 @@ def save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int, rank: int, l
         raise error or CheckpointSaveError(f"checkpoint {tag} not saved: another rank could not write its random "
                                            f"state; {intact}")
     state = {**state, RNG_STATE_KEY: RNG_STATE}
+    publish_s = 0.0
     if rank == 0:
         try:
+            started = time.perf_counter()
             publish(ckpt_dir, staging, tag, state)
+            publish_s = time.perf_counter() - started
         except OSError as err:
             error = failure(err, "finishing the save")
             shutil.rmtree(staging, ignore_errors=True)
@@ -311,5 +455,7 @@ def save_checkpoint(engine, ckpt_dir: Path, state: dict, keep: int, rank: int, l
         raise error or CheckpointSaveError(f"checkpoint {tag} not saved: rank 0 could not finish it; {intact}")
     if rank == 0:
         rotate(ckpt_dir, keep)
-        log(f"saved checkpoint {ckpt_dir / tag}")
+        size = directory_size(ckpt_dir / tag)
+        log(f"saved checkpoint {ckpt_dir / tag} ({size / 2**20:,.1f} MiB; {MANIFEST} hashed and written in "
+            f"{publish_s:.2f} s)")
     return ckpt_dir / tag

@@ -8,6 +8,8 @@ fp32 weights with DeepSpeed's ``zero_to_fp32`` (stage 0 keeps whole weights and 
 checked) and written with ``save_pretrained`` (safetensors) together with the tokenizer,
 so ``AutoModelForCausalLM.from_pretrained(DST)`` and ``AutoTokenizer.from_pretrained(DST)``
 load it. The directory is written under a temporary name and renamed when complete.
+The checkpoint's files are verified against its ``manifest.json`` first (a file that is missing,
+truncated or changed is named and nothing is exported).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpointing import MANIFEST, CheckpointLoadError, read_latest, verify_checkpoint
 from .safe_load import UnsafeCheckpointError, weights_only_loading
 
 
@@ -32,7 +35,10 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if tag is None and (p / "latest").is_file():
-        return p, (p / "latest").read_text().strip()
+        try:
+            return p, read_latest(p)
+        except CheckpointLoadError as err:
+            raise ExportError(str(err).replace("pass --resume TAG", "pass --tag TAG")) from None
     if tag is not None:
         if not (p / tag).is_dir():
             raise ExportError(f"no checkpoint {tag!r} in {p}")
@@ -81,6 +87,12 @@ def export_checkpoint(ckpt: str | os.PathLike, dst: str | os.PathLike, tag: str 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt_dir, tag = resolve_checkpoint(ckpt, tag)
+    try:
+        if not verify_checkpoint(ckpt_dir / tag):
+            log(f"warning: checkpoint {ckpt_dir / tag} has no {MANIFEST} (saved by an older version): its files are "
+                "not verified")
+    except CheckpointLoadError as err:
+        raise ExportError(f"{err}; checkpoint {ckpt_dir / tag} is not exported. Export another one (--tag TAG)") from None
     model_config = Path(model_config) if model_config else ckpt_dir / "model_config.json"
     if not model_config.is_file():
         raise ExportError(f"no model config at {model_config}; pass --model-config")

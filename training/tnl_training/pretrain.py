@@ -33,16 +33,19 @@ import numpy as np
 import torch
 
 from tnl_model.cpu_allocator import configure_from_env
-from tnl_training.checkpointing import (CHECKPOINTS, RUN_STATE, CheckpointLoadError, CheckpointSaveError,
-                                        convert_to_universal, find_resume, remove_partial_saves, resume_rng_state,
-                                        save_checkpoint)
+from tnl_training.checkpointing import (CHECKPOINTS, CheckpointLoadError, CheckpointSaveError,
+                                        convert_to_universal, find_resume, read_run_state, remove_partial_saves,
+                                        resume_rng_state, save_checkpoint)
 from tnl_training.config import ConfigError, RunConfig, load_config
 from tnl_training.data import TokenRows
 from tnl_training.documents import pack_documents, unpack_rows
 from tnl_training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from tnl_training.metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
 from tnl_training.prepare import PreflightError, Prepared, preflight
+from tnl_training.runlock import RunLockError, acquire_run_lock
 from tnl_training.safe_load import UnsafeCheckpointError, weights_only_loading
+
+_RUN_LOCK = None  # rank 0's lock on output_dir (tnl_training.runlock)
 
 #: keys of the DeepSpeed JSON that come from the run config and must not be set there
 INJECTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -280,11 +283,56 @@ def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, worl
 
 #: run settings that fix the data order (TokenRows: windows of seq_len + 1 tokens, permuted by seed)
 DATA_ORDER_SETTINGS = ("seed", "seq_len")
+#: recorded in run_state.json and compared on resume (besides DATA_ORDER_SETTINGS and the batch):
+#: field -> (what a change breaks, how to fix it)
+RESUME_GUARDS = {
+    "tokenizer_fingerprint": ("the tokenizer files differ from the ones the checkpoint was trained with, so token ids "
+                              "would change meaning", "resume with the original tokenizer"),
+    "data_fingerprint": ("the prepared shards (their index.json checksums) differ from the checkpoint's, so the data "
+                         "cursor would point into other text", "resume with the original data and shard settings"),
+    "model_config_hash": ("the model config differs from the one the checkpoint's weights belong to",
+                          "resume with the original model_config"),
+    "zero_stage": ("DeepSpeed's optimizer state is laid out per ZeRO stage", None),
+    "bf16": ("the checkpoint's optimizer state was kept for the other precision", None),
+}
 
 
-def check_resume_settings(cfg: RunConfig, run_state: dict, checkpoint: Path) -> None:
-    """Refuse to resume with settings that change the data order: the data cursor would point into a
-    different sequence of rows, repeating text already trained on and skipping other text."""
+def _sha256_json(value) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """sha256 over the names and bytes of the files in the tokenizer directory."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(tokenizer_dir).iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def resume_guards(cfg: RunConfig, prepared: Prepared) -> dict:
+    """The values of RESUME_GUARDS for this run (recorded in every checkpoint's run_state.json)."""
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(prepared.tokenizer_dir),
+            "data_fingerprint": _sha256_json(prepared.index.get("splits")),
+            "model_config_hash": _sha256_json(prepared.model_config),
+            "zero_stage": cfg.zero_stage, "bf16": bool(cfg.bf16)}
+
+
+def _resume_refused(what: str, checkpoint: Path, why: str, fix: str) -> ConfigError:
+    return ConfigError(f"{what} of checkpoint {checkpoint}: {why}. To continue, {fix}; or start a new run "
+                       "(resume=none or another output_dir)")
+
+
+def check_resume_settings(cfg: RunConfig, run_state: dict, checkpoint: Path, guards: dict | None = None,
+                          world_size: int | None = None, log=lambda m: None) -> None:
+    """Refuse to resume with settings that change the data stream or the model: the data order
+    (the data cursor would point into a different sequence of rows, repeating text already trained on
+    and skipping other text), the tokenizer, the shards, the model config, the ZeRO stage, the
+    precision and the global batch. A checkpoint that lacks a field (an older version) is not
+    checked on it. A new world size is DeepSpeed's universal checkpoint's job and is not refused."""
     for name in DATA_ORDER_SETTINGS:
         old, new = run_state.get(name), getattr(cfg, name)
         if old is not None and old != new:
@@ -292,6 +340,48 @@ def check_resume_settings(cfg: RunConfig, run_state: dict, checkpoint: Path) -> 
                               f"change the data order (text already trained on would be repeated, other text "
                               f"skipped). Resume with {name}={old}, or start a new run (resume=none or another "
                               f"output_dir)")
+    for name, new in (guards or {}).items():
+        old = run_state.get(name)
+        if old is None or old == new:
+            continue
+        why, fix = RESUME_GUARDS[name]
+        shown = (lambda v: json.dumps(v)) if name in ("zero_stage", "bf16") else (lambda v: str(v)[:16])
+        if name in ("zero_stage", "bf16"):
+            fix = f"resume with {name}={shown(old)}"
+        raise _resume_refused(f"{name}={shown(new)} differs from {name}={shown(old)}", checkpoint, why, fix)
+    old_micro, old_accum = run_state.get("micro_batch_size"), run_state.get("gradient_accumulation_steps")
+    old_world, old_global = run_state.get("world_size"), run_state.get("global_batch")
+    if world_size is None or old_world != world_size or old_global is None:
+        return  # another world size: loaded from a universal checkpoint, and logged there
+    new_global = cfg.world_batch(world_size)
+    if new_global != old_global:
+        was = (f" (micro_batch_size {old_micro} x gradient_accumulation_steps {old_accum} x world {old_world})"
+               if old_micro is not None else "")
+        raise _resume_refused(
+            f"the global batch {new_global} (micro_batch_size {cfg.micro_batch_size} x gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps} x world {world_size}) differs from {old_global}{was}", checkpoint,
+            f"the learning-rate schedule, the step count and the data cursor are in steps of {old_global} rows",
+            f"keep micro_batch_size x gradient_accumulation_steps = {old_global // max(1, world_size)}")
+    if old_micro is not None and (old_micro, old_accum) != (cfg.micro_batch_size, cfg.gradient_accumulation_steps):
+        log(f"resuming with micro_batch_size {cfg.micro_batch_size} x gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps} (checkpoint: {old_micro} x {old_accum}); the global batch is still "
+            f"{new_global} rows")
+
+
+def finished_run(cfg: RunConfig, run_state: dict, checkpoint: Path, output_dir: Path, world: int, log) -> dict | None:
+    """The summary of a run directory that is already complete (its checkpoint is at the last step and
+    its export, when configured, exists), after saying so; None when there is training or exporting left.
+    Nothing is rewritten: raising max_steps (or max_tokens) continues the run."""
+    total = cfg.total_steps(world)
+    if int(run_state["step"]) < total or (cfg.export and not (output_dir / "model" / "config.json").is_file()):
+        return None
+    try:
+        summary = json.loads((output_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {"step": int(run_state["step"]), "tokens": int(run_state["tokens"])}
+    log(f"{output_dir} is a complete run: checkpoint {checkpoint.name} is at step {run_state['step']} of {total}. "
+        "Nothing to do; raise max_steps (or max_tokens) to train further, or use another output_dir for a new run")
+    return {**summary, "complete": True}
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -321,6 +411,21 @@ def train(cfg: RunConfig, config_file=None) -> dict:
                 print(msg, flush=True)
             sys.stdout.flush()
 
+    # One run per output directory: rank 0 holds the lock for the run's life (released in main).
+    global _RUN_LOCK
+    lock_error = None
+    if is_main:
+        try:
+            _RUN_LOCK = acquire_run_lock(cfg.output_dir, log)
+        except (RunLockError, OSError) as e:
+            lock_error = e if isinstance(e, RunLockError) else RunLockError(f"cannot lock {cfg.output_dir}: {e}")
+    locked = torch.tensor([0 if lock_error is None else 1])
+    dist.all_reduce(locked)
+    if lock_error is not None:
+        raise lock_error
+    if int(locked):
+        raise RunLockError(f"{cfg.output_dir} is in use by another run (see the first process's error)")
+
     # Everything that can fail on bad input is checked here, before the model exists. The first
     # process of each machine prepares (download / tokenizer / shards); the others then verify.
     local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
@@ -340,10 +445,28 @@ def train(cfg: RunConfig, config_file=None) -> dict:
 
     output_dir = Path(cfg.output_dir)
     ckpt_dir = output_dir / CHECKPOINTS
-    resume_from = find_resume(cfg.resume, ckpt_dir)
-    resume_state = json.loads((resume_from / RUN_STATE).read_text()) if resume_from else None
+    # rank 0 picks the checkpoint and verifies its files against the manifest (once, not per process)
+    choice, choice_error = [None], None
+    if is_main:
+        try:
+            found = find_resume(cfg.resume, ckpt_dir, log)
+            choice = [None if found is None else str(found)]
+        except (CheckpointLoadError, PreflightError) as e:
+            choice_error, choice = e, ["\0failed"]
+    dist.broadcast_object_list(choice, src=0)
+    if choice_error is not None:
+        raise choice_error
+    if choice[0] == "\0failed":
+        raise CheckpointLoadError("the first process could not choose a checkpoint to resume from (see its error)")
+    resume_from = None if choice[0] is None else Path(choice[0])
+    guards = resume_guards(cfg, prepared)
+    resume_state = read_run_state(resume_from) if resume_from else None
     if resume_state is not None:
-        check_resume_settings(cfg, resume_state, resume_from)
+        check_resume_settings(cfg, resume_state, resume_from, guards, world, log)
+        done = finished_run(cfg, resume_state, resume_from, output_dir, world, log)
+        if done is not None:
+            dist.barrier()
+            return done
     rng_dir = resume_from  # the random states stay in the original tag directory
     universal = bool(resume_state and resume_state["world_size"] != world)
     if universal and is_main:
@@ -442,7 +565,8 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     def state_dict():
         return {"step": step, "cursor": cursor, "tokens": tokens, "world_size": world,
                 "global_batch": global_batch, "seed": cfg.seed, "seq_len": cfg.seq_len,
-                "skipped_steps": guard.skipped_total}
+                "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                "skipped_steps": guard.skipped_total, **guards}
 
     try:
         while step < total_steps:
@@ -525,6 +649,9 @@ def train(cfg: RunConfig, config_file=None) -> dict:
         if bar is not None:
             bar.close()
 
+    if last_val is None and not interrupted and step >= total_steps and val_rows is not None:
+        # resumed at the last step (an export still to do): no step ran, so evaluate here
+        last_val = evaluate(engine, val_rows, cfg, rank, world, device, bos_token_id)
     summary.update(step=step, tokens=tokens, val_loss=last_val,
                    val_ppl=None if last_val is None else math.exp(min(last_val, 50)), interrupted=interrupted)
     if not interrupted and step >= total_steps and cfg.export:
@@ -623,7 +750,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"config error: {err}") from None
     try:
         summary = train(cfg, args.config)
-    except (PreflightError, ConfigError, CheckpointLoadError, UnsafeCheckpointError) as err:
+    except (PreflightError, ConfigError, CheckpointLoadError, UnsafeCheckpointError, RunLockError) as err:
         raise SystemExit(f"error: {err}") from None
     except (CheckpointSaveError, NonFiniteLossError) as err:
         # the run cannot go on; the message says what is still safe on disk. A rank that failed
@@ -633,6 +760,8 @@ def main(argv=None) -> None:
         exit_after_distributed_run(1)
         raise SystemExit(1) from None
     finally:
+        if _RUN_LOCK is not None:
+            _RUN_LOCK.release()
         try:
             import torch.distributed as dist
 
