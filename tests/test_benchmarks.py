@@ -64,7 +64,7 @@ def test_bench_speculative_quick(tmp_path):
     assert "transformers MiniMaxForCausalLM" in out
     data = _outputs(tmp_path, "bench_speculative_cpu_float32_quick")
     assert {"model", "draft", "cases", "ttft", "round_costs", "minimax", "summary", "targets"} <= set(data)
-    assert set(data["cases"]) == {"copy", "self_repeat", "natural", "adversarial"}
+    assert set(data["cases"]) == {"copy", "self_repeat", "loop", "natural", "adversarial"}
     for case in data["cases"].values():
         assert {"greedy", "lookup K=10", "assisted"} <= set(case["methods"])
         for name, row in case["methods"].items():

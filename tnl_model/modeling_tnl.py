@@ -385,6 +385,15 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def _get_candidate_generator(self, generation_config, *args, **kwargs):
+        """transformers' candidate generator; prompt lookup's backs off after rejected rounds (speculative.py)."""
+        generator = super()._get_candidate_generator(generation_config, *args, **kwargs)
+        if generation_config.prompt_lookup_num_tokens is not None and generation_config.assistant_early_exit is None:
+            from .speculative import BackoffCandidateGenerator
+
+            generator = BackoffCandidateGenerator(generator)
+        return generator
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,

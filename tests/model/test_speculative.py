@@ -155,3 +155,32 @@ def test_beam_search_with_a_recording_cache_is_unaffected():
     cache = DynamicCache(config=model.config)
     cache.activate_past_recording()
     assert torch.equal(model.generate(ids, cache=cache, **beams), reference)
+
+
+@torch.no_grad()
+def test_prompt_lookup_backs_off_after_rejected_rounds_and_stays_exact(monkeypatch):
+    """After rejected rounds drafting pauses (plain decode steps), and the output is plain greedy's."""
+    from tnl_model import speculative
+
+    rounds, paused = [], []
+    update, candidates = (speculative.BackoffCandidateGenerator.update_candidate_strategy,
+                          speculative.BackoffCandidateGenerator.get_candidates)
+
+    def recording_update(self, input_ids, scores, num_matches):
+        if self.drafted:
+            rounds.append(num_matches)
+        return update(self, input_ids, scores, num_matches)
+
+    def recording_candidates(self, input_ids, **kwargs):
+        paused.append(self.skip > 0)
+        return candidates(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(speculative.BackoffCandidateGenerator, "update_candidate_strategy", recording_update)
+    monkeypatch.setattr(speculative.BackoffCandidateGenerator, "get_candidates", recording_candidates)
+    target = build_model(tiny_config())
+    ids = random_ids(1, 60, seed=3)  # its bigrams recur with continuations the model does not produce at first
+    plain = target.generate(ids, max_new_tokens=120, **GREEDY)
+    looked_up = target.generate(ids, max_new_tokens=120, prompt_lookup_num_tokens=6, **GREEDY)
+    assert torch.equal(looked_up, plain)
+    assert rounds.count(0) >= 3, rounds
+    assert sum(paused) >= 1 + 2 + 4, (rounds, paused)  # 1, 2, 4, ... steps without drafting after rejections
