@@ -19,6 +19,7 @@ exported Hugging Face model in ``model/`` (config.json, model.safetensors, token
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -690,6 +691,17 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     return summary
 
 
+def release_deepspeed_shm() -> None:
+    """Remove this rank's shared-memory allreduce buffer, which DeepSpeed's CPU communication op creates
+    in /dev/shm (66 MB a rank) and never unlinks: without this, every CPU run leaks it into RAM-backed
+    tmpfs until the machine runs out of memory. The name is DeepSpeed's own (``shm.cpp``)."""
+    rank, addr, port = os.environ.get("RANK"), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if rank is None or addr is None or port is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
 def export_hints(export_dir: Path) -> str:
     """The commands that take the exported model elsewhere, or why a format cannot hold it."""
     from tnl_model import TNLConfig
@@ -769,6 +781,7 @@ def main(argv=None) -> None:
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+        release_deepspeed_shm()
     if summary.get("interrupted"):
         sys.exit(0)
 
