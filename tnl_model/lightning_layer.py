@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tnl_kernels import build_slopes, lightning_attn, lightning_attn_decode
+from tnl_kernels import build_slopes, lightning_attn, lightning_attn_decode, lightning_attn_sequence_parallel
 
 from .cache_glue import lightning_layer
 from .norms import RMSNorm, SimpleRMSNorm
@@ -63,7 +63,7 @@ class TNLLightningAttention(nn.Module):
             k, v = k * keep, v * keep
         return q, k, v
 
-    def forward(self, x, token_mask=None, cache=None, cu_seqlens=None, output_attentions=False, **unused):
+    def forward(self, x, token_mask=None, cache=None, cu_seqlens=None, output_attentions=False, shard=None, **unused):
         """x ``[B, T, hidden]``; token_mask ``[B, T]`` (1 = real token) or None.
 
         Returns ``(output, state)``: ``state`` is the fp32 recurrent state after these tokens when
@@ -73,6 +73,12 @@ class TNLLightningAttention(nn.Module):
         batch, length, _ = x.shape
         q, k, v = self._project_qkv(x, token_mask)
         slopes = self.slopes(x.device)
+        if shard is not None:
+            # The state entering this shard comes from one all-gather of every shard's own state.
+            out, final_state = lightning_attn_sequence_parallel(q, k, v, slopes, group=shard.group,
+                                                                output_final_state=output_attentions,
+                                                                backend=self.backend)
+            return self._output(x, out), final_state
         cached = lightning_layer(cache, self.layer_idx)
         state = None
         if cached is not None:
@@ -99,7 +105,12 @@ class TNLLightningAttention(nn.Module):
             )
             if cached is not None:
                 cached.store(final_state)
+        return self._output(x, out), (final_state.clone() if output_attentions else None)
+
+    def _output(self, x, out):
+        """Norm over all heads, output gate, output projection."""
+        batch, length, _ = x.shape
         y = self.norm(out.reshape(batch, length, self.num_heads * self.head_dim))
         gate = self.output_gate(x)
         y = (torch.sigmoid(gate) if self.sigmoid_gate else gate) * y
-        return self.out_proj(y), (final_state.clone() if output_attentions else None)
+        return self.out_proj(y)

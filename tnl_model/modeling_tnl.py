@@ -25,6 +25,7 @@ from .load_checks import StrictLoadingMixin
 from .moe import TNLDenseMLP, TNLExperts, TNLRouter, TNLSparseMoeBlock, load_balancing_loss, router_z_loss
 from .norms import RMSNorm
 from .rotary import TNLRotaryEmbedding
+from .sequence_parallel import SequenceShard, group_sum, sequence_shard
 from .softmax_attention import TNLSoftmaxAttention, document_ids
 
 
@@ -59,10 +60,11 @@ class TNLDecoderLayer(GradientCheckpointingLayer):
         self.postnorm = config.postnorm
 
     def forward(self, hidden, token_mask=None, key_mask=None, cache=None, cu_seqlens=None, rotary=None,
-                output_attentions=False):
+                output_attentions=False, shard: SequenceShard | None = None):
         normed = self.input_layernorm(hidden)
         mixed, attn_weights = self.self_attn(normed, token_mask=token_mask, key_mask=key_mask, cache=cache,
-                                             cu_seqlens=cu_seqlens, rotary=rotary, output_attentions=output_attentions)
+                                             cu_seqlens=cu_seqlens, rotary=rotary, output_attentions=output_attentions,
+                                             shard=shard)
         # Post-norm (MiniMax): the residual branch carries the normalised input, scaled by alpha.
         residual = normed if self.postnorm else hidden
         hidden = _scaled_sum(residual, self.attn_alpha, mixed, self.attn_beta)
@@ -189,16 +191,39 @@ class TNLModel(TNLPreTrainedModel):
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, cu_seqlens=None,
-                prefill_chunk_size=None, keep_last=0, return_dict=None, **kwargs):
+                prefill_chunk_size=None, keep_last=0, return_dict=None, sequence_parallel_group=None, **kwargs):
         """``keep_last > 0`` lets a chunked prefill return only the last ``keep_last`` hidden states and no
-        router logits, so its memory does not grow with the prompt (generate() needs the last position only)."""
+        router logits, so its memory does not grow with the prompt (generate() needs the last position only).
+
+        ``sequence_parallel_group``: a torch.distributed group whose ranks each hold one contiguous, equal
+        shard of the same sequences, in rank order (``tnl_model.sequence_parallel``); positions default to
+        the shard's global positions. Training only: no cache, no padding mask, no packed documents."""
+        if sequence_parallel_group is not None:
+            kwargs["shard"] = self._sequence_shard(sequence_parallel_group, input_ids, inputs_embeds, attention_mask,
+                                                   cache, use_cache, cu_seqlens if cu_seqlens is not None
+                                                   else kwargs.get("cu_seq_lens_q"))
+            use_cache = False
         outputs = self._forward(input_ids, attention_mask, position_ids, cache,
                                 inputs_embeds, use_cache, output_attentions, output_hidden_states, cu_seqlens,
                                 prefill_chunk_size, keep_last, **kwargs)
         return outputs if return_dict is not False else outputs.to_tuple()
 
+    @staticmethod
+    def _sequence_shard(group, input_ids, inputs_embeds, attention_mask, cache, use_cache, cu_seqlens) -> SequenceShard:
+        if cache is not None or use_cache:
+            raise ValueError("sequence parallelism is for training forwards: pass use_cache=False and no cache "
+                             "(generation runs unsharded)")
+        if cu_seqlens is not None:
+            raise ValueError("packed documents (cu_seqlens) cannot be split across sequence-parallel ranks: train "
+                             "with document_masking=false, or with sequence_parallel_size=1")
+        if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.all()):
+            raise ValueError("a padding attention_mask is not supported with sequence parallelism: shards are cut "
+                             "from full, unpadded rows")
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        return sequence_shard(group, length)
+
     def _forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_attentions,
-                 output_hidden_states, cu_seqlens, prefill_chunk_size, keep_last, **kwargs):
+                 output_hidden_states, cu_seqlens, prefill_chunk_size, keep_last, shard=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -232,7 +257,9 @@ class TNLModel(TNLPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            if cu_seqlens is not None:
+            if shard is not None:
+                position_ids = torch.arange(shard.offset, shard.offset + length, device=inputs_embeds.device).unsqueeze(0)
+            elif cu_seqlens is not None:
                 position_ids = _positions_in_documents(cu_seqlens, length)
             elif attention_mask is not None and self.has_softmax_layers:
                 position_ids = _positions_from_mask(attention_mask, length)
@@ -240,7 +267,7 @@ class TNLModel(TNLPreTrainedModel):
                 position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
         rotary = None
         if self.has_softmax_layers:
-            self._warn_beyond_trained_positions(past + length)
+            self._warn_beyond_trained_positions(past + length + (shard.offset if shard is not None else 0))
             rotary = self.rotary_emb(inputs_embeds, position_ids.expand(batch, -1))
 
         token_mask = attention_mask[:, -length:] if attention_mask is not None else None
@@ -251,7 +278,7 @@ class TNLModel(TNLPreTrainedModel):
                 all_hidden.append(hidden)
             hidden, layer_router_logits, attn_weights = layer(
                 hidden, token_mask=token_mask, key_mask=attention_mask, cache=cache, cu_seqlens=cu_seqlens,
-                rotary=rotary, output_attentions=output_attentions)
+                rotary=rotary, output_attentions=output_attentions, shard=shard)
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
             if output_attentions:  # one entry per layer: softmax weights, or a lightning layer's state
@@ -397,17 +424,30 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                output_router_logits=None, logits_to_keep=0, cu_seqlens=None, return_dict=None, **kwargs):
+                output_router_logits=None, logits_to_keep=0, cu_seqlens=None, return_dict=None,
+                sequence_parallel_group=None, **kwargs):
+        """``labels`` are shifted inside (as in every transformers causal LM); ``shift_labels`` (transformers'
+        name) are already aligned with the inputs, position t holding the token that follows t.
+
+        With ``sequence_parallel_group`` (each rank one contiguous shard of the same rows; see
+        ``tnl_model.sequence_parallel``) labels must be shifted before sharding, so pass ``shift_labels``, and
+        every loss returned is this rank's share: the shares add up over the group to the unsharded loss."""
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else self.config.output_router_logits)
+        has_labels = labels is not None or kwargs.get("shift_labels") is not None
+        if kwargs.get("shift_labels") is not None:
+            kwargs["shift_labels"] = kwargs["shift_labels"].contiguous()  # transformers' loss views it flat
+        if sequence_parallel_group is not None:
+            self._check_sequence_parallel_labels(labels, kwargs, sequence_parallel_group)
         # When only the last logits are wanted (generate), a chunked prefill keeps only those positions.
-        keep_last = logits_to_keep if isinstance(logits_to_keep, int) and labels is None and not output_router_logits else 0
+        keep_last = logits_to_keep if isinstance(logits_to_keep, int) and not has_labels and not output_router_logits else 0
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds,
                              use_cache=use_cache, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states,
                              cu_seqlens=cu_seqlens if cu_seqlens is not None else kwargs.get("cu_seq_lens_q"),
-                             prefill_chunk_size=kwargs.pop("prefill_chunk_size", None), keep_last=keep_last)
+                             prefill_chunk_size=kwargs.pop("prefill_chunk_size", None), keep_last=keep_last,
+                             sequence_parallel_group=sequence_parallel_group)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and 0 < logits_to_keep < hidden.shape[1]:
             hidden = hidden[:, -logits_to_keep:]
@@ -416,15 +456,16 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
 
         loss = lm_loss = aux_loss = z_loss = None
-        if labels is not None:
+        if has_labels:
             lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             loss = lm_loss
-        if outputs.router_logits and (labels is not None or output_router_logits):
+        if outputs.router_logits and (has_labels or output_router_logits):
             # The aux loss only counts real tokens; the mask covers the current tokens only.
             length = outputs.last_hidden_state.shape[1]
             token_mask = None if attention_mask is None else attention_mask[:, -length:]
-            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask)
-            z_loss = router_z_loss(outputs.router_logits, token_mask)
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, token_mask,
+                                           group=sequence_parallel_group)
+            z_loss = router_z_loss(outputs.router_logits, token_mask, group=sequence_parallel_group)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
                 if self.config.router_z_loss_coef > 0:
@@ -435,6 +476,17 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
             lm_loss=lm_loss, z_loss=z_loss,
         )
         return result if return_dict is not False else result.to_tuple()
+
+    @staticmethod
+    def _check_sequence_parallel_labels(labels, kwargs, group) -> None:
+        """Labels shifted before sharding, and the cross-entropy normalised by the group's token count (the
+        caller may pass ``num_items_in_batch``, the count over the whole unsharded rows, to spare a collective)."""
+        if labels is not None:
+            raise ValueError("with sequence_parallel_group, shift labels before sharding and pass shift_labels "
+                             "(a shard's last token is predicted from the next shard's first token)")
+        shift_labels = kwargs.get("shift_labels")
+        if shift_labels is not None and kwargs.get("num_items_in_batch") is None:
+            kwargs["num_items_in_batch"] = group_sum((shift_labels != -100).sum(), group)
 
 
 __all__ = ["TNLPreTrainedModel", "TNLModel", "TNLForCausalLM", "TNLCausalLMOutput", "TNLDecoderLayer",

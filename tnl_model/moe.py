@@ -11,6 +11,8 @@ from torch.nn import functional as F
 
 from tnl_kernels import moe_dispatch
 
+from .sequence_parallel import group_sum
+
 
 class TNLRouter(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter_noise: float = 0.0):
@@ -82,11 +84,14 @@ class TNLSparseMoeBlock(nn.Module):
         return out.reshape(shape), logits
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None,
+                        group=None) -> torch.Tensor:
     """Switch-style auxiliary loss ``E * sum_e f_e P_e`` averaged over MoE layers.
 
     f_e: fraction of (token, k) assignments routed to e, P_e: mean router probability of e,
-    both over non-padding tokens only.
+    both over non-padding tokens only. With a sequence-parallel ``group`` both are over the tokens of
+    every shard, and this rank returns its share (the loss divided by the group size): the shares add up
+    to the unsharded loss, and so do the gradients (the probability sums are reduced differentiably).
     """
     losses = []
     weights = None if token_mask is None else token_mask.reshape(-1).float()
@@ -95,21 +100,32 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mas
         num_experts = probs.shape[-1]
         chosen = torch.topk(probs, top_k, dim=-1).indices
         assigned = F.one_hot(chosen, num_experts).sum(dim=1).float()  # [N, E]
-        if weights is None:
+        if group is None and weights is None:
             f, p = assigned.mean(dim=0), probs.mean(dim=0)
         else:
-            total = weights.sum().clamp(min=1.0)
-            f = (assigned * weights[:, None]).sum(0) / total
-            p = (probs * weights[:, None]).sum(0) / total
+            if weights is not None:
+                assigned, probs = assigned * weights[:, None], probs * weights[:, None]
+            count = probs.new_tensor(float(probs.shape[0])) if weights is None else weights.sum()
+            total = group_sum(count, group).clamp(min=1.0)
+            f = group_sum(assigned.sum(0), group) / total
+            p = group_sum(probs.sum(0), group, differentiable=True) / total
         losses.append(num_experts * (f * p).sum())
-    return torch.stack(losses).mean()
+    loss = torch.stack(losses).mean()
+    return loss if group is None else loss / torch.distributed.get_world_size(group)
 
 
-def router_z_loss(router_logits: list[torch.Tensor], token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared log-partition of the router logits (ST-MoE), averaged over MoE layers."""
+def router_z_loss(router_logits: list[torch.Tensor], token_mask: torch.Tensor | None, group=None) -> torch.Tensor:
+    """Mean squared log-partition of the router logits (ST-MoE), averaged over MoE layers; with a
+    sequence-parallel ``group``, this shard's sum over the tokens of all shards (its share)."""
     losses = []
     weights = None if token_mask is None else token_mask.reshape(-1).float()
     for logits in router_logits:
         z = torch.logsumexp(logits.float(), dim=-1).pow(2)
-        losses.append(z.mean() if weights is None else (z * weights).sum() / weights.sum().clamp(min=1.0))
+        if group is None:
+            losses.append(z.mean() if weights is None else (z * weights).sum() / weights.sum().clamp(min=1.0))
+            continue
+        if weights is not None:
+            z = z * weights
+        count = z.new_tensor(float(z.shape[0])) if weights is None else weights.sum()
+        losses.append(z.sum() / group_sum(count, group).clamp(min=1.0))
     return torch.stack(losses).mean()

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .rotary import apply_partial_rotary
+from .sequence_parallel import gather_earlier_shards
 
 try:  # optional GPU dependency
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -62,8 +63,12 @@ class TNLSoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, key_mask=None, cache=None, cu_seqlens=None, rotary=None, output_attentions=False, **unused):
-        """x ``[B, T, hidden]``; key_mask ``[B, past+T]`` or None; rotary = (cos, sin) ``[B, T, r]``."""
+    def forward(self, x, key_mask=None, cache=None, cu_seqlens=None, rotary=None, output_attentions=False, shard=None,
+                **unused):
+        """x ``[B, T, hidden]``; key_mask ``[B, past+T]`` or None; rotary = (cos, sin) ``[B, T, r]``.
+
+        ``shard`` (sequence parallelism): this rank's queries attend to the keys and values of every earlier
+        shard, gathered from the group, as a continuation after that many cached tokens would."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -74,6 +79,9 @@ class TNLSoftmaxAttention(nn.Module):
         if cache is not None:
             past = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)
+        elif shard is not None:
+            past = shard.offset
+            k, v = gather_earlier_shards(k, 2, shard), gather_earlier_shards(v, 2, shard)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if output_attentions or self.config._attn_implementation == "eager":
