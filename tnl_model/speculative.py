@@ -1,21 +1,31 @@
-"""Prompt lookup that backs off when its drafts keep failing.
+"""Prompt lookup that backs off while its drafts do not pay for themselves.
 
 transformers' prompt lookup drafts whenever the last n-gram recurs in the text, and keeps drafting
-when nothing is accepted. A rejected round costs a TNL model a verification forward over K + 1
-tokens plus a rollback, about two decode steps for one token, so on text whose n-grams recur with
-other continuations prompt lookup ran at 0.4-0.5x plain greedy (benchmarks/bench_speculative.py).
-:class:`BackoffCandidateGenerator` wraps transformers' generator: after a round in which no draft
-token was accepted it skips drafting for 1, 2, 4, ... up to :data:`MAX_BACKOFF` steps (plain decode
-steps), and a round with any accepted token resets it. Drafts are only ever skipped, never changed,
-so the output is exactly plain decoding's.
+when nothing is accepted. A verification round costs a TNL model a forward over K + 1 tokens plus a
+rollback, on a CPU about 1.7 decode steps, so on text whose n-grams recur with other continuations
+prompt lookup ran at 0.4-0.5x plain greedy (benchmarks/bench_speculative.py).
+
+:class:`BackoffCandidateGenerator` wraps transformers' generator and keeps score: a round that
+drafted and had ``m`` tokens accepted produced ``m + 1`` tokens for the price of ``c`` plain decode
+steps, a net gain of ``m + 1 - c`` steps. ``c`` is measured as generation runs (the time between
+successive rounds, drafting or not, as moving averages), so it is about 1.7 on a CPU and close to 1
+on a GPU, where verifying K tokens costs little more than one step. While the moving average of the
+net gain is negative, drafting pauses for 1, 2, 4, ... up to :data:`MAX_BACKOFF` plain decode steps;
+once drafting pays again the pauses stop. Drafts are only ever skipped, never changed, so the output
+is exactly plain decoding's.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
-MAX_BACKOFF = 32  # decode steps without drafting after repeated rejected rounds
+MAX_BACKOFF = 32  # decode steps without drafting after repeated rounds that did not pay
+ASSUMED_ROUND_COST = 1.7  # a drafting round in plain decode steps, until both have been timed
+GAIN_SMOOTHING = 0.5  # weight of the newest round in the moving average of the net gain
+TIME_SMOOTHING = 0.2  # weight of the newest duration in the moving averages of round times
 
 
 class BackoffCandidateGenerator(CandidateGenerator):
@@ -23,10 +33,29 @@ class BackoffCandidateGenerator(CandidateGenerator):
         self.inner = inner
         self.requires_model_outputs = getattr(inner, "requires_model_outputs", False)
         self.skip = 0  # decode steps left without drafting
-        self.backoff = 0  # the length of the next pause after a rejected round
+        self.backoff = 0  # the length of the next pause
         self.drafted = False  # whether the current round proposed tokens
+        self.gain = 0.0  # moving average of (accepted + 1 - round cost) over drafting rounds
+        self.seconds = {True: None, False: None}  # moving average duration of a drafting / plain round
+        self._round_start = None
+
+    def round_cost(self) -> float:
+        """A drafting round's duration in plain decode steps (measured once both kinds have run)."""
+        drafting, plain = self.seconds[True], self.seconds[False]
+        if drafting is None or plain is None or plain <= 0:
+            return ASSUMED_ROUND_COST
+        return drafting / plain
+
+    def _time_previous_round(self) -> None:
+        now = time.perf_counter()
+        if self._round_start is not None:
+            elapsed, kind = now - self._round_start, self.drafted
+            previous = self.seconds[kind]
+            self.seconds[kind] = elapsed if previous is None else (1 - TIME_SMOOTHING) * previous + TIME_SMOOTHING * elapsed
+        self._round_start = now
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs):
+        self._time_previous_round()
         if self.skip > 0:
             self.skip -= 1
             self.drafted = False
@@ -37,7 +66,9 @@ class BackoffCandidateGenerator(CandidateGenerator):
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         if self.drafted:
-            if num_matches == 0:
+            net = num_matches + 1 - self.round_cost()
+            self.gain = (1 - GAIN_SMOOTHING) * self.gain + GAIN_SMOOTHING * net
+            if self.gain < 0:
                 self.backoff = min(MAX_BACKOFF, max(1, 2 * self.backoff))
                 self.skip = self.backoff
             else:

@@ -184,3 +184,51 @@ def test_prompt_lookup_backs_off_after_rejected_rounds_and_stays_exact(monkeypat
     assert torch.equal(looked_up, plain)
     assert rounds.count(0) >= 3, rounds
     assert sum(paused) >= 1 + 2 + 4, (rounds, paused)  # 1, 2, 4, ... steps without drafting after rejections
+
+
+class _FakeLookup:
+    """Always drafts two tokens; records nothing."""
+
+    def get_candidates(self, input_ids, **kwargs):
+        return torch.cat([input_ids, input_ids[:, -2:]], 1), None
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        pass
+
+
+def _drafting_pattern(matches_per_round, cost, steps=40):
+    """Which of ``steps`` rounds drafted, when each drafting round gets the next entry of ``matches_per_round``
+    accepted tokens and a drafting round costs ``cost`` plain steps."""
+    from tnl_model.speculative import BackoffCandidateGenerator
+
+    generator = BackoffCandidateGenerator(_FakeLookup())
+    generator.round_cost = lambda: cost
+    ids, drafted, matches = torch.zeros(1, 4, dtype=torch.long), [], iter(matches_per_round)
+    for _ in range(steps):
+        generator.get_candidates(ids)
+        drafted.append(generator.drafted)
+        generator.update_candidate_strategy(ids, None, next(matches) if generator.drafted else 0)
+    return drafted
+
+
+def test_backoff_drafts_while_rounds_pay_and_pauses_when_they_do_not():
+    always = [1] * 40
+    # one accepted token per round pays at a CPU-like round cost of 1.7 steps (net +0.3): never pauses
+    assert all(_drafting_pattern(always, cost=1.7))
+    # ... but not at 2.5 steps (net -0.5): pauses grow, so most steps do not draft
+    assert sum(_drafting_pattern(always, cost=2.5)) <= 6
+    # rejected rounds cost nothing where verifying is as cheap as a step (GPU-like): keeps drafting
+    assert all(_drafting_pattern([0] * 40, cost=1.0))
+    # rejected rounds at a CPU-like cost: 1, 2, 4, ... steps without drafting
+    pattern = _drafting_pattern([0] * 40, cost=1.7)
+    assert pattern[:8] == [True, False, True, False, False, True, False, False], pattern
+    assert sum(pattern) <= 6
+
+
+def test_backoff_measures_the_cost_of_a_drafting_round():
+    from tnl_model.speculative import ASSUMED_ROUND_COST, BackoffCandidateGenerator
+
+    generator = BackoffCandidateGenerator(_FakeLookup())
+    assert generator.round_cost() == ASSUMED_ROUND_COST
+    generator.seconds = {True: 0.003, False: 0.002}
+    assert generator.round_cost() == pytest.approx(1.5)
