@@ -115,11 +115,13 @@ def _sequential_config(dim_k: int, dim_v: int) -> tuple[int, int, int]:
     of at most 64, 32-token chunks.
 
     The largest tiles that do not spill when compiled for sm_90 with 8 warps
-    (``scripts/kernel_resources.py``): 198 registers at D = E = 64 (one value tile: Q K^T formed
-    once per chunk), 246 at D = E = 128 (two value tiles, each forming Q K^T: +9% FLOPs, and the
-    price of keeping the state in registers). 64-token chunks spilled at D = 128 for every value
-    tile width from 16 up, and at D = 64 needed two value tiles. Shorter chunks cost no FLOPs:
-    per token the intra-chunk part (~C D) shrinks while the state part (~D E) stays."""
+    (``scripts/kernel_resources.py``, which assumes nothing about stride divisibility): 210 registers
+    at D = E = 64 (one value tile: Q K^T formed once per chunk), 254 at 96, 247 at D = E = 128 (two
+    value tiles, each forming Q K^T: +9% FLOPs, and the price of keeping the state in registers);
+    with the 16-divisible strides and aligned pointers of a real launch, 138, 220 and 214. 64-token
+    chunks spilled at D = 128 for every value tile width from 16 up, and at D = 64 needed two value
+    tiles. Shorter chunks cost no FLOPs: per token the intra-chunk part (~C D) shrinks while the
+    state part (~D E) stays."""
     return 32, max(16, triton.next_power_of_2(dim_k)), _head_tile(dim_v)
 
 
@@ -346,8 +348,15 @@ def _sequential_forward_kernel(
 ):
     """One sequence, head and value tile, chunk after chunk: the output of each chunk from its
     scores and the fp32 state carried in registers, then the state update. q, k, v are read once
-    from HBM and o written once. Addressing as in ``_state_pass_kernel``; v and o share one token
-    stride."""
+    from HBM and o written once. Addressing as in ``_state_pass_kernel`` (the state too: a scalar
+    64-bit base and int32 tile offsets, not a 64-bit offset tensor held across the loop for the
+    final store); v and o share one token stride.
+
+    A NaN or inf in k or v reaches no earlier position (issue #19): the causal mask is applied to
+    the scores with ``where``, and non-finite values are left out of the intra-chunk dot (they would
+    meet the masked zeros of earlier rows: 0 * NaN = NaN), their column of the output being set
+    non-finite from their row on instead; the state takes them as they are, so later chunks see
+    them as the recurrence does."""
     # Flat grid, value tiles fastest (see _state_pass_kernel): the value tiles of one head re-read
     # the same q and k tiles at about the same time, so the second read comes from L2.
     n_e_tiles = tl.cdiv(E, BLOCK_E)
@@ -357,9 +366,10 @@ def _sequential_forward_kernel(
     d_cols = tl.arange(0, BLOCK_D)
     e_cols = (pid % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
     in_tile = (d_cols[:, None] < D) & (e_cols[None, :] < E)
-    state_offsets = (seq * H + head) * (D * E) + d_cols[:, None] * E + e_cols[None, :]
+    state_block = (seq * H + head) * (D * E)
+    tile_offsets = d_cols[:, None] * E + e_cols[None, :]
     if HAS_INITIAL:
-        state = tl.load(initial + state_offsets, mask=in_tile, other=0.0)
+        state = tl.load(initial + state_block + tile_offsets, mask=in_tile, other=0.0)
     else:
         state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     rate = tl.load(slopes + head)
@@ -383,23 +393,30 @@ def _sequential_forward_kernel(
         # too, so that a NaN key never reaches an earlier query (NaN * 0 is NaN).
         distance = (rows[:, None] - rows[None, :]).to(tl.float32)
         scores = tl.where(distance >= 0, scores * tl.exp(tl.where(distance >= 0, -rate * distance, float("-inf"))),
-                          0.0)
-        # A NaN value is not isolated here (the split strategy's kernels do): doing so spills registers
-        # at D = 128 in this bandwidth-bound kernel. Each program holds one sequence, so a NaN never
-        # reaches another packed sequence; within its own, it can reach the earlier rows of its chunk.
-        acc = tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+                          0.0).to(v_tile.dtype)
         # The decays scale rows of the [C, BLOCK_E] products, never the wide [C, D] q and k tiles
         # (an fp32 copy of those would not fit in registers next to the state):
         # (Q * lambda^{i+1}) S = lambda^{i+1} * (Q S), and (K * w)^T V = K^T (V * w).
+        # The order below keeps registers: the scores go to their input dtype and the inter-chunk dot
+        # comes first, so the [C, D] query operand is dead before the value tile is masked.
         query_decay = tl.exp(-rate * (rows + 1).to(tl.float32))  # lambda^{i+1}: the state is one step older
-        acc += tl.dot(q_tile, state.to(v_tile.dtype), input_precision=DOT_PRECISION) * query_decay[:, None]
+        acc = tl.dot(q_tile, state.to(v_tile.dtype), input_precision=DOT_PRECISION) * query_decay[:, None]
+        # A NaN or inf value is left out of the intra-chunk dot, where the masked zeros of earlier rows
+        # would meet it (0 * NaN = NaN), and its column is non-finite from its row on: where
+        # (causal ones) x (non-finite indicator), an exact count, is positive. This extra small dot
+        # costs fewer registers and barriers than a cross-warp min over rows (measured for sm_90).
+        v_finite = tl.abs(v_tile) < float("inf")  # false for NaN too
+        acc = tl.dot(scores, tl.where(v_finite, v_tile, 0.0), acc, input_precision=DOT_PRECISION)
+        bad_before = tl.dot(tl.where(rows[:, None] >= rows[None, :], 1.0, 0.0).to(v_tile.dtype),
+                            tl.where(v_finite, 0.0, 1.0).to(v_tile.dtype), input_precision=DOT_PRECISION)
+        acc = tl.where(bad_before > 0, float("nan"), acc)
         tl.store(o + vo_base + vo_offsets, (acc * scale).to(o.dtype.element_ty), mask=vo_mask)
         key_decay = tl.exp(tl.where(valid, -rate * (length - 1 - rows).to(tl.float32), float("-inf")))
         v_decayed = (v_tile.to(tl.float32) * key_decay[:, None]).to(v_tile.dtype)
         state = tl.exp(-rate * length.to(tl.float32)) * state + tl.dot(
             tl.trans(k_tile), v_decayed, input_precision=DOT_PRECISION
         )
-    tl.store(final + state_offsets, state, mask=in_tile)
+    tl.store(final + state_block + tile_offsets, state, mask=in_tile)
 
 
 @triton.jit

@@ -23,10 +23,16 @@ import sys
 import torch
 
 #: "module.Name" of every non-tensor type found in DeepSpeed checkpoints of this project's runs
-#: (ZeRO 0-3, fp32 and bf16, one process or several, and their universal conversions).
+#: (ZeRO 0-3, fp32 and bf16, one process or several, and the universal conversions of ZeRO 1-3;
+#: checked with DeepSpeed 0.19: tests/training/test_safe_load.py resumes a two-process bf16 run on
+#: one process). ZeRO-0 files hold tensors and plain containers only; ZeRO-3's optimizer files also
+#: hold torch.Tensor subclass rebuilds, which torch's own weights_only list allows.
 DEEPSPEED_STATE_TYPES = (
+    # "zero_stage" of the ZeRO optimizer state: *_optim_states.pt, universal zero/optimizer_state.pt
     "deepspeed.runtime.zero.config.ZeroStageEnum",
+    # "loss_scaler" of the same state (a static scaler of 1 in fp32 and bf16 runs), in the same files
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    # "param_slice_mappings" of the ZeRO-1/2 optimizer state, in *_optim_states.pt
     "deepspeed.utils.tensor_fragment.fragment_address",
 )
 
