@@ -94,7 +94,10 @@ def test_lr_schedules(schedule):
     fn = lr_lambda(cfg, total_steps=100)
     values = [fn(s) for s in range(101)]
     assert values[0] < values[5] < values[9] <= 1.0  # warmup rises
-    assert max(values) == pytest.approx(1.0)
+    # transformers' warmup: step / warmup_steps (WSD: from min_lr_ratio), so the first step runs at lr 0
+    floor = 0.1 if schedule == "wsd" else 0.0
+    assert values[0] == pytest.approx(floor) and values[5] == pytest.approx(floor + (1 - floor) * 5 / 10)
+    assert values[10] == pytest.approx(1.0) and max(values) == pytest.approx(1.0)
     if schedule == "cosine":
         assert values[55] < values[30] and values[100] == pytest.approx(0.1)
     elif schedule == "wsd":

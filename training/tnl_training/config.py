@@ -33,7 +33,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with a warmup + cosine, warmup-stable-decay (WSD) or constant schedule."""
+    """AdamW with a warmup + cosine, warmup-stable-decay (WSD) or constant schedule.
+
+    The schedules are transformers' (``get_cosine_with_min_lr_schedule_with_warmup``, ``get_wsd_schedule``
+    with linear warmup and decay, ``get_constant_schedule_with_warmup``), stepped once per optimizer step.
+    Their warmup multiplier after ``step`` completed steps is ``step / warmup_steps``, so the first step
+    runs at lr 0 (WSD: ``step / warmup_steps`` scaled from ``min_lr_ratio`` to 1, so it starts at
+    ``min_lr_ratio * lr``). Runs before the switch to transformers' schedules warmed up with
+    ``(step + 1) / (warmup_steps + 1)``; after the warmup the multipliers are the same (WSD's linear
+    decay up to the last bit of rounding), so a cosine or constant run with ``warmup_steps=0`` trains bit
+    for bit as before, and a run resumed inside its warmup continues on the new formula.
+    """
 
     lr: float = 3e-4
     #: final learning rate as a fraction of ``lr`` (cosine floor / end of the WSD decay)

@@ -12,6 +12,10 @@ model_config=PATH seed=N optimizer.lr=1e-3``); ``--resume [TAG]`` continues from
 directory that holds checkpoints is continued. A checkpoint saved on another world size is
 converted to DeepSpeed's universal format and loaded from there.
 
+This module is the entry point (:func:`main`, :func:`train`) and the set-up pieces of a run (DeepSpeed
+config, model, learning-rate schedule, resume checks, evaluation, export helpers); the run itself, from
+distributed set-up to the summary, is :class:`tnl_training.trainer.Trainer`.
+
 The run directory ends with ``metrics.jsonl``, ``loss_curve.png``, ``checkpoints/`` and the
 exported Hugging Face model in ``model/`` (config.json, model.safetensors, tokenizer files).
 """
@@ -26,7 +30,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,17 +37,14 @@ import numpy as np
 import torch
 
 from tnl_model.cpu_allocator import configure_from_env
-from tnl_training.checkpointing import (CHECKPOINTS, CheckpointLoadError, CheckpointSaveError,
-                                        convert_to_universal, find_resume, read_run_state, remove_partial_saves,
-                                        resume_rng_state, save_checkpoint)
+from tnl_training.checkpointing import CheckpointLoadError, CheckpointSaveError
 from tnl_training.config import ConfigError, RunConfig, load_config
 from tnl_training.data import TokenRows
 from tnl_training.documents import pack_documents, unpack_rows
-from tnl_training.nonfinite import NonFiniteGuard, NonFiniteLossError
-from tnl_training.metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
-from tnl_training.prepare import PreflightError, Prepared, preflight
+from tnl_training.nonfinite import NonFiniteLossError
+from tnl_training.prepare import PreflightError, Prepared
 from tnl_training.runlock import RunLockError, acquire_run_lock
-from tnl_training.safe_load import UnsafeCheckpointError, weights_only_loading
+from tnl_training.safe_load import UnsafeCheckpointError
 
 _RUN_LOCK = None  # rank 0's lock on output_dir (tnl_training.runlock)
 
@@ -131,26 +131,32 @@ def build_deepspeed_config(cfg: RunConfig, engine_json: str | os.PathLike, world
     return ds
 
 
-def lr_lambda(cfg: RunConfig, total_steps: int):
-    """Multiplier of the peak lr after ``step`` completed optimizer steps."""
+def build_lr_scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    """The run's learning-rate schedule: one of transformers' ``LambdaLR`` schedules, stepped once per
+    optimizer step. Warmup rises linearly from 0 (cosine, constant) or from ``min_lr_ratio`` (WSD) to the
+    peak; see :class:`tnl_training.config.OptimizerConfig`."""
+    import transformers
+
     opt = cfg.optimizer
-    warmup, floor = opt.warmup_steps, opt.min_lr_ratio
+    if opt.schedule == "cosine":
+        return transformers.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=total_steps, min_lr_rate=opt.min_lr_ratio)
+    if opt.schedule == "wsd":
+        # warmup, flat, then a linear decay over the last decay_fraction of the steps (the flat part is what is left)
+        decay_steps = max(1, round(opt.decay_fraction * total_steps))
+        return transformers.get_wsd_schedule(
+            optimizer, num_warmup_steps=opt.warmup_steps, num_decay_steps=decay_steps, num_training_steps=total_steps,
+            warmup_type="linear", decay_type="linear", min_lr_ratio=opt.min_lr_ratio)
+    if opt.schedule == "constant":
+        return transformers.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=opt.warmup_steps)
+    raise ConfigError(f"optimizer.schedule must be 'cosine', 'wsd' or 'constant', got {opt.schedule!r}")
 
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if opt.schedule == "constant":
-            return 1.0
-        if opt.schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        decay_steps = max(1, round(opt.decay_fraction * total_steps))  # WSD
-        decay_start = total_steps - decay_steps
-        if step < decay_start:
-            return 1.0
-        return 1.0 - (1.0 - floor) * min(1.0, (step - decay_start) / decay_steps)
 
-    return fn
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    """Multiplier of the peak lr after ``step`` completed optimizer steps: the very function
+    :func:`build_lr_scheduler` gives the engine's scheduler (built here on a throwaway optimizer)."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return build_lr_scheduler(cfg, probe, total_steps).lr_lambdas[0]
 
 
 def param_groups(model, weight_decay: float):
@@ -385,34 +391,12 @@ def finished_run(cfg: RunConfig, run_state: dict, checkpoint: Path, output_dir: 
     return {**summary, "complete": True}
 
 
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _fmt_load(load: list[float]) -> str:
-    return " ".join(f"{v:.2f}" for v in load)
-
-
-# ------------------------------------------------------------------------------ main loop
-def train(cfg: RunConfig, config_file=None) -> dict:
-    """Run (or continue) the configured pretraining; returns a summary dict (rank 0's view)."""
-    deepspeed = init_distributed()
+# ------------------------------------------------------------------------------ the run
+def lock_output_dir(cfg: RunConfig, is_main: bool, log) -> None:
+    """One run per output directory: rank 0 takes the lock (kept for the run's life, released by
+    :func:`main`) and every rank learns whether it got it, so all of them stop together if not."""
     import torch.distributed as dist
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    is_main = rank == 0
-
-    def log(msg):
-        if is_main:
-            try:
-                from tqdm import tqdm
-
-                tqdm.write(str(msg), file=sys.stdout)
-            except Exception:  # noqa: BLE001
-                print(msg, flush=True)
-            sys.stdout.flush()
-
-    # One run per output directory: rank 0 holds the lock for the run's life (released in main).
     global _RUN_LOCK
     lock_error = None
     if is_main:
@@ -427,268 +411,17 @@ def train(cfg: RunConfig, config_file=None) -> dict:
     if int(locked):
         raise RunLockError(f"{cfg.output_dir} is in use by another run (see the first process's error)")
 
-    # Everything that can fail on bad input is checked here, before the model exists. The first
-    # process of each machine prepares (download / tokenizer / shards); the others then verify.
-    local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    prepared, err = None, None
-    for turn in (0, 1):
-        if (turn == 0) == local_first:
-            try:
-                prepared = preflight(cfg, config_file, log=log if is_main else (lambda m: None))
-            except (PreflightError, ConfigError) as e:
-                err = e
-        failed = torch.tensor([0 if err is None else 1])
-        dist.all_reduce(failed)
-        if err is not None:
-            raise err
-        if int(failed):
-            raise PreflightError("another process failed its pre-flight checks (see its error above)")
 
-    output_dir = Path(cfg.output_dir)
-    ckpt_dir = output_dir / CHECKPOINTS
-    # rank 0 picks the checkpoint and verifies its files against the manifest (once, not per process)
-    choice, choice_error = [None], None
-    if is_main:
-        try:
-            found = find_resume(cfg.resume, ckpt_dir, log)
-            choice = [None if found is None else str(found)]
-        except (CheckpointLoadError, PreflightError) as e:
-            choice_error, choice = e, ["\0failed"]
-    dist.broadcast_object_list(choice, src=0)
-    if choice_error is not None:
-        raise choice_error
-    if choice[0] == "\0failed":
-        raise CheckpointLoadError("the first process could not choose a checkpoint to resume from (see its error)")
-    resume_from = None if choice[0] is None else Path(choice[0])
-    guards = resume_guards(cfg, prepared)
-    resume_state = read_run_state(resume_from) if resume_from else None
-    if resume_state is not None:
-        check_resume_settings(cfg, resume_state, resume_from, guards, world, log)
-        done = finished_run(cfg, resume_state, resume_from, output_dir, world, log)
-        if done is not None:
-            dist.barrier()
-            return done
-    rng_dir = resume_from  # the random states stay in the original tag directory
-    universal = bool(resume_state and resume_state["world_size"] != world)
-    if universal and is_main:
-        resume_from = convert_to_universal(resume_from, log)
-    dist.barrier()
-    if universal:
-        resume_from = resume_from.parent / f"{resume_from.name}_universal" if not resume_from.name.endswith(
-            "_universal") else resume_from
+def train(cfg: RunConfig, config_file=None) -> dict:
+    """Run (or continue) the configured pretraining; returns a summary dict (rank 0's view)."""
+    from tnl_training.trainer import Trainer  # imported here: the trainer is built from this module's pieces
 
-    ds_config = build_deepspeed_config(cfg, prepared.deepspeed_config_path, world)
-    if universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    model_cfg = load_model_config(cfg, prepared)
-    total_steps = cfg.total_steps(world)
-    device = torch.device("cuda", torch.cuda.current_device()) if _is_cuda() else torch.device("cpu")
-
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_saves(ckpt_dir)  # left by a run killed while saving
-        (output_dir / "run_config.yaml").write_text(_yaml_dump(cfg.to_dict()))
-        (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
-        model_cfg.to_json_file(str(ckpt_dir / "model_config.json"))
-        (ckpt_dir / "tokenizer_path.txt").write_text(str(prepared.tokenizer_dir.resolve()) + "\n")
-    dist.barrier()
-
-    model = build_model(cfg, model_cfg, ds_config)
-    fpt = flops_per_token(model, cfg.seq_len + 1)
-    n_params = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
-    groups = param_groups(model, cfg.optimizer.weight_decay)
-    opt = cfg.optimizer
-    optimizer = None
-    if not cfg.cpu_offload:
-        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
-                                      weight_decay=opt.weight_decay, foreach=True)
-    schedule = lr_lambda(cfg, total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=groups if cfg.cpu_offload else None,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule), config=ds_config,
-        dist_init_required=False)
-    if cfg.compile:
-        engine.compile(backend=cfg.compile_backend)
-        log(f"model compiled with torch.compile (backend {cfg.compile_backend}); the first steps include compilation")
-
-    step, cursor, tokens, skipped_before = 0, 0, 0, 0
-    if resume_from is not None:
-        load_dir, tag = str(resume_from.parent), resume_from.name
-        with weights_only_loading():  # DeepSpeed's checkpoint engine unpickles: no code from the files may run
-            path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"could not load checkpoint {resume_from}")
-        state = (client or {}).get("tnl") or resume_state
-        step, cursor, tokens = int(state["step"]), int(state["cursor"]), int(state["tokens"])
-        skipped_before = int(state.get("skipped_steps", 0))
-        log(f"resumed from {resume_from} at step {step} (data cursor {cursor:,} rows, {tokens:,} tokens)"
-            + (f"; world size {resume_state['world_size']} -> {world} via universal checkpoint" if universal else ""))
-
-    train_rows = TokenRows(prepared.train_shards, cfg.seq_len, cfg.seed, shuffle=True, name="train")
-    val_rows = None
-    if prepared.val_shards and sum(s.num_tokens for s in prepared.val_shards) > cfg.seq_len + 1:
-        val_rows = TokenRows(prepared.val_shards, cfg.seq_len, cfg.seed, shuffle=False, name="validation")
-    metrics = MetricsWriter(output_dir / "metrics.jsonl",
-                            output_dir / "tensorboard" if cfg.tensorboard else None) if is_main else None
-    peak = peak_flops(cfg.peak_tflops)
-    # Documents are stored as BOS ... EOS: with document masking every BOS starts a segment.
-    bos_token_id = int(prepared.index["bos_token_id"]) if cfg.document_masking else None
-    top_k, n_exp = model_cfg.num_experts_per_tok, model_cfg.num_local_experts
-    n_moe = sum(t == "sparse" for t in model_cfg.mlp_layer_types)
-    global_batch = cfg.world_batch(world)
-    tokens_per_step = global_batch * cfg.seq_len
-    log(f"model {n_params / 1e6:.2f}M parameters ({fpt / 6e6:.2f}M active-equivalent per token); world {world} x "
-        f"micro {cfg.micro_batch_size} x accum {cfg.gradient_accumulation_steps} = {global_batch} rows of "
-        f"{cfg.seq_len + 1} tokens per step; ZeRO-{cfg.zero_stage}; {total_steps} steps; "
-        + ("attention within documents; " if cfg.document_masking else "")
-        + f"train {train_rows.num_tokens:,} tokens"
-        + (f", validation {val_rows.num_tokens:,} tokens" if val_rows else ", no validation split"))
-
-    if resume_from is not None:
-        # last before the loop: building and loading above drew from the generators
-        resume_rng_state(rng_dir, resume_state, rank, same_world=not universal, log=log)
-    stop = StopSignal()
-    bar = None
-    if is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
-    window = {"t": time.time(), "tokens": 0, "counts": torch.zeros(n_moe, n_exp, dtype=torch.float64)}
-    guard = NonFiniteGuard(cfg.max_consecutive_nonfinite, cfg.zero_stage, rank, skipped_total=skipped_before)
-    last_val = None
-    interrupted = False
-    summary = {}
-    accum = cfg.gradient_accumulation_steps
-
-    def state_dict():
-        return {"step": step, "cursor": cursor, "tokens": tokens, "world_size": world,
-                "global_batch": global_batch, "seed": cfg.seed, "seq_len": cfg.seq_len,
-                "micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                "skipped_steps": guard.skipped_total, **guards}
-
-    try:
-        while step < total_steps:
-            lr = float(engine.get_lr()[0])  # the rate this step applies (the scheduler moves on inside it)
-            sums = torch.zeros(4, dtype=torch.float64)
-            for m in range(accum):
-                x = torch.from_numpy(train_rows.batch(cursor, m, rank, world, cfg.micro_batch_size)).to(device)
-                batch = pack_documents(x, bos_token_id) if cfg.document_masking else {"input_ids": x, "labels": x}
-                out = engine(**batch, output_router_logits=True, use_cache=False)  # no KV-cache copies
-                loss = guard.checked_loss(out.loss, step + 1)
-                engine.backward(loss)
-                if m == accum - 1:
-                    poisoned = guard.agree_before_step(engine)
-                engine.step()
-                parts = [loss, out.lm_loss, out.aux_loss, out.z_loss]
-                sums += torch.tensor([0.0 if p is None else float(p.detach()) for p in parts], dtype=torch.float64)
-                counts = expert_counts(out.router_logits, top_k, n_exp)
-                if counts.shape == window["counts"].shape:
-                    window["counts"] += counts
-            step += 1
-            guard.after_step(engine, poisoned, step)
-            cursor += global_batch
-            tokens += tokens_per_step
-            window["tokens"] += tokens_per_step
-            # one small all-reduce per step: mean losses over ranks, and the stop flag
-            flag = 1.0 if stop.signum is not None else 0.0
-            packed = torch.cat([sums / accum, torch.tensor([flag], dtype=torch.float64)])
-            dist.all_reduce(packed)
-            loss, lm, aux, z = (packed[:4] / world).tolist()
-            stop_now = packed[4].item() > 0
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            # a skipped step's losses are written as null (JSON has no NaN)
-            record = {"type": "train", "step": step, "loss": _finite_or_none(loss), "lm_loss": _finite_or_none(lm),
-                      "aux_loss": _finite_or_none(aux), "z_loss": _finite_or_none(z),
-                      "grad_norm": _finite_or_none(grad_norm), "lr": lr, "tokens": tokens, "nonfinite": poisoned,
-                      "skipped_steps": guard.skipped_total}
-            if step % cfg.log_interval == 0 or step == total_steps:
-                dist.all_reduce(window["counts"])
-                elapsed = max(1e-9, time.time() - window["t"])
-                tok_s = window["tokens"] * (cfg.seq_len + 1) / cfg.seq_len / elapsed
-                mfu = (tok_s * fpt / (world * peak)) if peak else None
-                c = window["counts"]
-                load = (c.max(dim=1).values / c.mean(dim=1).clamp(min=1e-9)).tolist() if c.numel() else []
-                record.update(tokens_per_s=tok_s, mfu=mfu, expert_load_max_over_mean=load)
-                log(f"step {step}/{total_steps} | loss {loss:.4f} (lm {lm:.4f} aux {aux:.4f} z {z:.4f}) | "
-                    f"grad {grad_norm:.3f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | MFU "
-                    f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | expert load max/mean [{_fmt_load(load)}] | "
-                    f"skipped {guard.skipped_total}")
-                window = {"t": time.time(), "tokens": 0, "counts": torch.zeros_like(window["counts"])}
-            if metrics:
-                metrics.write(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{lm:.3f}", refresh=False)
-            if poisoned:
-                log(f"step {step}: loss is not finite ({loss}); step skipped (parameters unchanged), "
-                    f"{guard.consecutive} in a row, {guard.skipped_total} in all")
-            if guard.should_stop:
-                saved = save_checkpoint(engine, ckpt_dir, state_dict(), cfg.keep_checkpoints, rank, log)
-                raise NonFiniteLossError(guard.stop_message(step, saved))
-            if step % cfg.eval_interval == 0 or step == total_steps:
-                last_val = evaluate(engine, val_rows, cfg, rank, world, device, bos_token_id)
-                if last_val is not None:
-                    ppl = math.exp(min(last_val, 50))
-                    log(f"step {step}: validation loss {last_val:.4f}, perplexity {ppl:.2f}")
-                    if metrics:
-                        metrics.write({"type": "eval", "step": step, "val_loss": last_val, "val_ppl": ppl})
-                window["t"] = time.time()  # do not charge evaluation to throughput
-            if stop_now or step % cfg.checkpoint_interval == 0 or step == total_steps:
-                save_checkpoint(engine, ckpt_dir, state_dict(), cfg.keep_checkpoints, rank, log)
-                window["t"] = time.time()
-            if stop_now:
-                interrupted = True
-                why = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another process"
-                log(f"{why}: checkpoint saved at step {step}; continue with --resume")
-                break
-    finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()
-
-    if last_val is None and not interrupted and step >= total_steps and val_rows is not None:
-        # resumed at the last step (an export still to do): no step ran, so evaluate here
-        last_val = evaluate(engine, val_rows, cfg, rank, world, device, bos_token_id)
-    summary.update(step=step, tokens=tokens, val_loss=last_val,
-                   val_ppl=None if last_val is None else math.exp(min(last_val, 50)), interrupted=interrupted)
-    if not interrupted and step >= total_steps and cfg.export:
-        export_dir = output_dir / "model"
-        # the export is checked against the engine on two held-out rows (every rank runs the forward: ZeRO-3)
-        rows = val_rows if val_rows is not None else train_rows
-        check_batch = torch.from_numpy(np.stack([rows.row(i) for i in range(2)]))[:, :64].to(device)
-        with torch.no_grad():
-            engine.eval()
-            engine_logits = engine(input_ids=check_batch, output_router_logits=False).logits.float().cpu()
-        if is_main:
-            from tnl_training.export import export_checkpoint
-
-            export_checkpoint(ckpt_dir, export_dir, tag=f"step{step}", tokenizer_dir=prepared.tokenizer_dir, log=log)
-            summary["export_dir"] = str(export_dir)
-            diff = export_logits_diff(export_dir, check_batch.cpu(), engine_logits)
-            summary["export_max_abs_logit_diff"] = diff
-            log(f"export check: AutoModelForCausalLM logits vs the engine's, max |diff| = {diff:.2e}"
-                + (" (engine in bf16, export in fp32)" if cfg.bf16 else ""))
-            metrics.write({"type": "export", "step": step, "dir": str(export_dir), "max_abs_logit_diff": diff})
-            if cfg.sample_prompt:
-                summary["sample"] = sample_text(export_dir, cfg.sample_prompt, cfg.sample_tokens, cfg.seed)
-                log(f"sample continuation:\n{summary['sample']}")
-            log(export_hints(export_dir))
-        dist.barrier()
-    if is_main:
-        png = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
-                              title=f"{Path(cfg.model_config).stem}, ZeRO-{cfg.zero_stage}, {world} processes")
-        if png:
-            log(f"loss curve: {png}")
-        if summary.get("val_ppl") is not None:
-            log(f"final validation perplexity {summary['val_ppl']:.2f} (loss {summary['val_loss']:.4f})")
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        metrics.close()
-    dist.barrier()
-    return summary
+    trainer = Trainer(cfg, config_file)
+    complete = trainer.build()
+    if complete is not None:
+        return complete
+    trainer.fit()
+    return trainer.finish()
 
 
 def release_deepspeed_shm() -> None:
@@ -745,12 +478,6 @@ def sample_text(export_dir: Path, prompt: str, max_new_tokens: int, seed: int) -
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
                              pad_token_id=tok.pad_token_id)
     return tok.decode(out[0], skip_special_tokens=True)
-
-
-def _yaml_dump(d: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False)
 
 
 def main(argv=None) -> None:
