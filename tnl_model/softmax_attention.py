@@ -90,7 +90,8 @@ class TNLSoftmaxAttention(nn.Module):
             out = self._flash(q, k, v, cu_seqlens, dropout)
         elif length == 1 and cu_seqlens is None and dropout == 0.0:
             out = self._one_query(q, k, v, build_attention_mask(key_mask, past, length, cu_seqlens, x.device))
-        elif past > 0 and length > 1 and key_mask is None and cu_seqlens is None and dropout == 0.0 and not q.is_cuda:
+        elif (past > 0 and length > 1 and key_mask is None and cu_seqlens is None and dropout == 0.0 and not q.is_cuda
+              and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
             out = self._after_cache_cpu(q, k, v, past)
         elif cu_seqlens is not None and key_mask is None and past == 0:
             out = self._per_document(q, k, v, cu_seqlens, dropout)

@@ -66,7 +66,10 @@ def _check_shard_equals_whole(rank: int, world: int, port: int) -> None:
                 continue
             grad = param.grad.clone()
             dist.all_reduce(grad)
-            torch.testing.assert_close(grad, whole_grads[name], rtol=1e-4, atol=2e-6, msg=f"gradient of {name}")
+            # relative to the gradient's own norm: some (softmax q/k at initialisation) are ~1e-6 per element,
+            # where an absolute tolerance would accept any value
+            error = float((grad - whole_grads[name]).norm() / whole_grads[name].norm().clamp(min=1e-30))
+            assert error < 1e-5, f"gradient of {name}: relative error {error:.2e}"
     finally:
         dist.destroy_process_group()
 

@@ -25,8 +25,8 @@ def test_missing_data_path(tmp_path):
 
 def test_sequence_longer_than_model(tmp_path):
     write_corpus(tmp_path / "texts", n_docs=2)
-    cfg, path = _cfg(tmp_path, tmp_path, seq_len=2048)
-    with pytest.raises(PreflightError, match=r"seq_len=2048 is longer than the model supports.*max_position_embeddings"):
+    cfg, path = _cfg(tmp_path, tmp_path, seq_len=4096)
+    with pytest.raises(PreflightError, match=r"seq_len=4096 is longer than the model supports.*max_position_embeddings"):
         preflight(cfg, path, log=lambda m: None)
     assert not (tmp_path / "tokenizer").exists()
 

@@ -262,8 +262,8 @@ def test_malformed_run_state_is_a_clear_error(noisy_run, tmp_path, content, says
                      "out per ZeRO stage. To continue, resume with zero_stage=2; or start a new run"),
     ("bf16=true", "bf16=true differs from bf16=false of checkpoint {tag}: the checkpoint's optimizer state was kept "
                   "for the other precision. To continue, resume with bf16=false"),
-    ("micro_batch_size=1", "the global batch 1 (micro_batch_size 1 x gradient_accumulation_steps 1 x world 1) differs "
-                           "from 2 (micro_batch_size 2 x gradient_accumulation_steps 1 x world 1) of checkpoint {tag}: "
+    ("micro_batch_size=1", "the global batch 1 (micro_batch_size 1 x gradient_accumulation_steps 1 x 1 data-parallel "
+                           "replicas) differs from 2 (micro_batch_size 2 x gradient_accumulation_steps 1 x world 1) of checkpoint {tag}: "
                            "the learning-rate schedule, the step count and the data cursor are in steps of 2 rows. To "
                            "continue, keep micro_batch_size x gradient_accumulation_steps = 2"),
     ("model_config={other_model}", "model_config_hash="),

@@ -113,8 +113,9 @@ class RunConfig:
     deepspeed_config: str = "configs/deepspeed/engine.json"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    #: tokens predicted per training row; a row holds seq_len + 1 tokens and the model sees all
-    #: of them (labels = input_ids, shifted inside the model), so seq_len + 1 <= max_position_embeddings
+    #: tokens predicted per training row; a row holds seq_len + 1 tokens: the model reads the first
+    #: seq_len and predicts the next token at each (labels shifted before the forward), so
+    #: seq_len <= max_position_embeddings
     seq_len: int = 256
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -129,6 +130,10 @@ class RunConfig:
     #: (after saving a checkpoint: the skipped steps changed nothing)
     max_consecutive_nonfinite: int = 5
     zero_stage: int = 2
+    #: ranks that share one sequence, each holding a contiguous seq_len / P slice of every row
+    #: (LASP-2 style sequence parallelism: tnl_training.sequence_parallel); the world is
+    #: data parallel x sequence parallel, so the launch must use a multiple of it
+    sequence_parallel_size: int = 1
     bf16: bool = False
     cpu_offload: bool = False
     #: ZeRO-3 only: build the model through transformers' ZeRO-3 path (zero.Init + gathered
@@ -165,7 +170,11 @@ class RunConfig:
 
     # ------------------------------------------------------------------ derived values
     def world_batch(self, world_size: int) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+        """Rows per optimizer step: micro x accumulation x data-parallel replicas (world / sequence_parallel_size)."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size(world_size)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return max(1, world_size // max(1, self.sequence_parallel_size))
 
     def total_steps(self, world_size: int) -> int:
         """Optimizer steps of the run; :class:`ConfigError` when max_steps and max_tokens are both set and disagree."""
@@ -176,7 +185,8 @@ class RunConfig:
         if self.max_steps is not None and self.max_steps != budget_steps:
             raise ConfigError(
                 f"max_steps={self.max_steps} and max_tokens={self.max_tokens} disagree: max_tokens is {budget_steps} "
-                f"steps of {tokens_per_step:,} tokens (world size {world_size} x micro_batch_size {self.micro_batch_size} "
+                f"steps of {tokens_per_step:,} tokens ({self.data_parallel_size(world_size)} data-parallel replicas x "
+                f"micro_batch_size {self.micro_batch_size} "
                 f"x gradient_accumulation_steps {self.gradient_accumulation_steps} x seq_len {self.seq_len}). "
                 f"Set max_steps=null to size the run by max_tokens, "
                 f"or max_tokens=null to size it by max_steps")
@@ -199,6 +209,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        from tnl_training.sequence_parallel import check_settings
+
+        check_settings(self.sequence_parallel_size, _launched_world_size(), self.seq_len, self.document_masking,
+                       self.compile)
         self.total_steps(_launched_world_size())  # max_steps vs max_tokens, before any work
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")

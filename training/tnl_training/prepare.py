@@ -54,10 +54,11 @@ def _load_model_config(cfg: RunConfig, config_file) -> tuple[Path, dict]:
 
 def check_sequence_length(cfg: RunConfig, model_cfg: dict) -> None:
     limit = model_cfg["max_position_embeddings"]
-    if cfg.seq_len + 1 > limit:
+    if cfg.seq_len > limit:
         raise PreflightError(
-            f"seq_len={cfg.seq_len} is longer than the model supports: a training row holds seq_len + 1 = "
-            f"{cfg.seq_len + 1} tokens but max_position_embeddings is {limit}; use seq_len <= {limit - 1}")
+            f"seq_len={cfg.seq_len} is longer than the model supports: the model reads seq_len tokens of each row "
+            f"but max_position_embeddings is {limit}; use seq_len <= {limit}, or a model config with a longer "
+            "max_position_embeddings (and RoPE scaling for its softmax layers)")
 
 
 def _source_files(cfg: RunConfig, config_file, log) -> list[Path]:

@@ -42,15 +42,17 @@ from tnl_training.config import ConfigError, RunConfig, load_config
 from tnl_training.data import TokenRows
 from tnl_training.documents import pack_documents, unpack_rows
 from tnl_training.nonfinite import NonFiniteLossError
+from tnl_training import sequence_parallel
 from tnl_training.prepare import PreflightError, Prepared
 from tnl_training.runlock import RunLockError, acquire_run_lock
 from tnl_training.safe_load import UnsafeCheckpointError
+from tnl_training.sequence_parallel import SequenceParallel
 
 _RUN_LOCK = None  # rank 0's lock on output_dir (tnl_training.runlock)
 
 #: keys of the DeepSpeed JSON that come from the run config and must not be set there
 INJECTED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler", "sequence_parallel_size")
 INJECTED_ZERO_KEYS = ("stage", "offload_optimizer", "offload_param")
 
 
@@ -112,9 +114,22 @@ def build_deepspeed_config(cfg: RunConfig, engine_json: str | os.PathLike, world
     if clash:
         raise ConfigError(f"{engine_json} sets {', '.join(clash)}; these come from the run config "
                           "(micro_batch_size, gradient_accumulation_steps, grad_clip, bf16, zero_stage, cpu_offload, "
+                          "sequence_parallel_size, "
                           "optimizer.*) -- remove them from the DeepSpeed JSON")
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    if cfg.sequence_parallel_size > 1:
+        # read by DeepSpeedConfig wherever it is parsed without the mpu (transformers' ZeRO-3 model
+        # construction): its batch arithmetic then counts data-parallel replicas, not processes
+        ds["sequence_parallel_size"] = cfg.sequence_parallel_size
+        if cfg.zero_stage == 3:
+            # ZeRO-3's reduce-scatter averages gradients over every rank, sequence shards included
+            # (DeepSpeed 0.19: reduce_scatter_coalesced divides by the whole group), where each shard's
+            # gradient is a share to be summed; its all-reduce path divides by the data-parallel
+            # replicas only, as ZeRO-1/2 do. So the shards' gradients add up, and the step equals the
+            # unsharded one (tests/training/test_sequence_parallel_training.py). This overrides the
+            # engine JSON's reduce_scatter for this case only (ZeRO-1/2 keep it: they scale correctly).
+            zero["reduce_scatter"] = False
     ds["train_batch_size"] = cfg.world_batch(world_size)
     ds["gradient_clipping"] = cfg.grad_clip
     ds["bf16"] = {"enabled": bool(cfg.bf16), "check_grad_overflow": True}
@@ -247,41 +262,48 @@ def expert_counts(router_logits, top_k: int, num_experts: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(engine, val_rows: TokenRows | None, cfg: RunConfig, rank: int, world: int, device,
-             bos_token_id: int | None = None) -> float | None:
-    """Mean validation cross-entropy over the first ``eval_batches * micro * world`` rows (all of them
+             bos_token_id: int | None = None, sp: SequenceParallel | None = None) -> float | None:
+    """Mean validation cross-entropy over the first ``eval_batches * micro * replicas`` rows (all of them
     when fewer). Every rank runs the same number of forwards (ZeRO-3 gathers need all ranks).
-    With ``bos_token_id`` each batch is packed by document, as training sees it."""
+    With ``bos_token_id`` each batch is packed by document, as training sees it; with sequence
+    parallelism (``sp``) each rank scores its slice of its replica's rows."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
     if val_rows is None:
         return None
+    sp = sp or sequence_parallel.setup(1, rank, world)
+    replica, replicas = sp.data_rank, sp.data_world
     micro = cfg.micro_batch_size
-    n = min(val_rows.num_rows, cfg.eval_batches * micro * world)
-    per_rank = math.ceil(n / world)
+    n = min(val_rows.num_rows, cfg.eval_batches * micro * replicas)
+    per_rank = math.ceil(n / replicas)
     batches = math.ceil(per_rank / micro)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = engine.module.training
     engine.eval()
     for b in range(batches):
-        ids, weights = [], []
+        ids, valid = [], []
         for j in range(micro):
-            i = (b * micro + j) * world + rank
+            i = (b * micro + j) * replicas + replica
             ids.append(val_rows.row(i if i < n else 0))
-            weights.append(1.0 if i < n else 0.0)
+            valid.append(1.0 if i < n else 0.0)
         x = torch.from_numpy(np.stack(ids)).to(device)
         if bos_token_id is None:
-            logits = engine(input_ids=x, output_router_logits=False, use_cache=False).logits
+            inputs = sequence_parallel.model_inputs(x, sp)
+            targets = inputs.pop("shift_labels")
+            inputs.pop("num_items_in_batch", None)
+            logits = engine(**inputs, output_router_logits=False, use_cache=False).logits
         else:
             packed = pack_documents(x, bos_token_id)
             logits = unpack_rows(engine(input_ids=packed["input_ids"], cu_seqlens=packed["cu_seqlens"],
-                                        output_router_logits=False, use_cache=False).logits, x.shape[0])
-        logits = logits[:, :-1].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-        row_loss = ce.view(x.shape[0], -1).mean(dim=1).double()
-        w = torch.tensor(weights, dtype=torch.float64, device=device)
-        total[0] += (row_loss * w).sum()
-        total[1] += w.sum()
+                                        output_router_logits=False, use_cache=False).logits, x.shape[0])[:, :-1]
+            targets = x[:, 1:]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        # this slice's share of each row's mean loss; the slices of a row add up to it over the group
+        row_share = ce.view(x.shape[0], -1).sum(dim=1).double() / cfg.seq_len
+        w = torch.tensor(valid, dtype=torch.float64, device=device)
+        total[0] += (row_share * w).sum()
+        total[1] += w.sum() if sp.rank == 0 else 0.0  # each row counted once
     dist.all_reduce(total)
     if was_training:
         engine.train()
@@ -366,9 +388,11 @@ def check_resume_settings(cfg: RunConfig, run_state: dict, checkpoint: Path, gua
                if old_micro is not None else "")
         raise _resume_refused(
             f"the global batch {new_global} (micro_batch_size {cfg.micro_batch_size} x gradient_accumulation_steps "
-            f"{cfg.gradient_accumulation_steps} x world {world_size}) differs from {old_global}{was}", checkpoint,
+            f"{cfg.gradient_accumulation_steps} x {cfg.data_parallel_size(world_size)} data-parallel replicas) differs "
+            f"from {old_global}{was}", checkpoint,
             f"the learning-rate schedule, the step count and the data cursor are in steps of {old_global} rows",
-            f"keep micro_batch_size x gradient_accumulation_steps = {old_global // max(1, world_size)}")
+            f"keep micro_batch_size x gradient_accumulation_steps = "
+            f"{old_global // cfg.data_parallel_size(world_size)}")
     if old_micro is not None and (old_micro, old_accum) != (cfg.micro_batch_size, cfg.gradient_accumulation_steps):
         log(f"resuming with micro_batch_size {cfg.micro_batch_size} x gradient_accumulation_steps "
             f"{cfg.gradient_accumulation_steps} (checkpoint: {old_micro} x {old_accum}); the global batch is still "
@@ -508,6 +532,7 @@ def main(argv=None) -> None:
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+        sequence_parallel.teardown()
         release_deepspeed_shm()
     if summary.get("interrupted"):
         sys.exit(0)

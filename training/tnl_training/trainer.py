@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 
-from tnl_training import pretrain
+from tnl_training import pretrain, sequence_parallel
 from tnl_training.checkpointing import (CHECKPOINTS, CheckpointLoadError, convert_to_universal, find_resume,
                                         read_run_state, remove_partial_saves, resume_rng_state, save_checkpoint)
 from tnl_training.config import ConfigError, RunConfig
@@ -117,6 +117,8 @@ class Trainer:
         self.deepspeed = pretrain.init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        # the data x sequence grid, through DeepSpeed's groups (every rank takes part in making them)
+        self.sp = sequence_parallel.setup(self.cfg.sequence_parallel_size, self.rank, self.world)
         pretrain.lock_output_dir(self.cfg, self.is_main, self.log)
         self.prepared = self._preflight_all_ranks()
         self.guards = pretrain.resume_guards(self.cfg, self.prepared)
@@ -222,7 +224,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = self.deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if cfg.cpu_offload else None,
             lr_scheduler=lambda o: pretrain.build_lr_scheduler(cfg, o, total_steps), config=self.ds_config,
-            dist_init_required=False)
+            dist_init_required=False, mpu=self.sp.mpu)
         if cfg.compile:
             self.engine.compile(backend=cfg.compile_backend)
             self.log(f"model compiled with torch.compile (backend {cfg.compile_backend}); the first steps include "
@@ -262,7 +264,9 @@ class Trainer:
         self.global_batch = cfg.world_batch(self.world)
         self.tokens_per_step = self.global_batch * cfg.seq_len
         self.log(f"model {self.n_params / 1e6:.2f}M parameters ({self.flops_per_token / 6e6:.2f}M active-equivalent "
-                 f"per token); world {self.world} x micro {cfg.micro_batch_size} x accum "
+                 f"per token); {self.sp.data_world} replicas"
+                 + (f" x {self.sp.size} sequence shards of {cfg.seq_len // self.sp.size} tokens" if self.sp.size > 1 else "")
+                 + f" x micro {cfg.micro_batch_size} x accum "
                  f"{cfg.gradient_accumulation_steps} = {self.global_batch} rows of {cfg.seq_len + 1} tokens per step; "
                  f"ZeRO-{cfg.zero_stage}; {self.total_steps} steps; "
                  + ("attention within documents; " if cfg.document_masking else "")
@@ -271,13 +275,15 @@ class Trainer:
 
     # -------------------------------------------------------------------------- one step
     def next_batch(self, micro_index: int) -> dict:
-        """The model inputs of this rank's ``micro_index``-th micro-batch of the current step."""
-        cfg = self.cfg
-        rows = self.train_rows.batch(self.cursor, micro_index, self.rank, self.world, cfg.micro_batch_size)
+        """The model inputs of this rank's ``micro_index``-th micro-batch of the current step: its replica's
+        rows (every rank of a sequence-parallel group reads the same ones), labels shifted before any
+        sharding, and with sequence parallelism this rank's slice of them."""
+        cfg, sp = self.cfg, self.sp
+        rows = self.train_rows.batch(self.cursor, micro_index, sp.data_rank, sp.data_world, cfg.micro_batch_size)
         x = torch.from_numpy(rows).to(self.device)
         if cfg.document_masking:
             return pack_documents(x, self.bos_token_id)
-        return {"input_ids": x, "labels": x}
+        return sequence_parallel.model_inputs(x, sp)
 
     def train_step(self) -> StepStats:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the progress
@@ -306,7 +312,8 @@ class Trainer:
         flag = 1.0 if self.stop is not None and self.stop.signum is not None else 0.0
         packed = torch.cat([sums / accum, torch.tensor([flag], dtype=torch.float64)])
         dist.all_reduce(packed)
-        loss, lm, aux, z = (packed[:4] / self.world).tolist()
+        # each rank's losses are its share of its sequence's: add up the shards, average the replicas
+        loss, lm, aux, z = (packed[:4] / self.sp.data_world).tolist()
         grad_norm = engine.get_global_grad_norm()
         return StepStats(step=self.step, loss=loss, lm_loss=lm, aux_loss=aux, z_loss=z,
                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr,
@@ -392,6 +399,7 @@ class Trainer:
         """The run state saved with every checkpoint (run_state.json) and checked on resume."""
         cfg = self.cfg
         return {"step": self.step, "cursor": self.cursor, "tokens": self.tokens, "world_size": self.world,
+                "sequence_parallel_size": self.sp.size,
                 "global_batch": self.global_batch, "seed": cfg.seed, "seq_len": cfg.seq_len,
                 "micro_batch_size": cfg.micro_batch_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -404,7 +412,7 @@ class Trainer:
     def evaluate(self) -> float | None:
         """Mean validation loss (None without a validation split); every rank must call it."""
         return pretrain.evaluate(self.engine, self.val_rows, self.cfg, self.rank, self.world, self.device,
-                                 self.bos_token_id)
+                                 self.bos_token_id, sp=self.sp)
 
     def run_evaluation(self) -> None:
         self.last_val = self.evaluate()
