@@ -1,13 +1,12 @@
 """Reading and writing safetensors checkpoint directories without unpickling anything.
 
 A checkpoint directory holds either ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``. Pickle files (``*.bin``, ``*.pt``) are never
-read; a directory that only has those gets an error saying how to convert it.
+``model.safetensors.index.json``. What is checked before a file is read (regular files, the
+index, pickle refusal) lives in :mod:`tnl_model.load_checks`; this module only reads and writes.
 """
 
 import json
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,64 +14,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+from .load_checks import (INDEX_FILE, SINGLE_FILE, CheckpointError, read_safetensors_header, read_weight_map,
+                          require_regular_file, weight_files)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read safely."""
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def require_regular_file(path: str | os.PathLike, what: str = "weights file") -> None:
-    """Refuse ``path`` unless it is a regular file (symlinks followed), before anything opens it:
-    opening a FIFO blocks until something writes to it, so a FIFO named ``model.safetensors``
-    used to hang every loader."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except OSError as err:
-        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
-    if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path} is {_kind(mode)}, not a regular file, and is refused unread (reading it "
-                              f"could block forever); put the real {what} there")
-
-
-def _escapes(name: str) -> bool:
-    """Whether a shard name from an index points outside the index's directory (judged on the
-    name itself: a symlink inside the directory, as in the Hugging Face cache, is fine)."""
-    norm = os.path.normpath(name)
-    return os.path.isabs(name) or norm == os.curdir or norm == os.pardir or norm.startswith(os.pardir + os.sep)
-
-
-def read_weight_map(index_path: str | os.PathLike) -> dict[str, str]:
-    """``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name, each
-    a plain path inside the index's directory (``../x``, ``/abs/x`` are refused)."""
-    index_path = Path(index_path)
-    require_regular_file(index_path, INDEX_FILE)
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{index_path} is not a valid safetensors index ({err})") from err
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in weight_map.items()):
-        raise CheckpointError(f"{index_path} is not a valid safetensors index (weight_map must map tensor names "
-                              "to shard file names)")
-    for tensor, shard in weight_map.items():
-        if _escapes(shard):
-            raise CheckpointError(f"{index_path} lists shard {shard!r} for tensor {tensor}: a path outside the model "
-                                  "directory, refused; an index may only name files in its own directory")
-    return dict(weight_map)
+__all__ = ["CheckpointError", "SafetensorsDirectory", "require_regular_file", "write_sharded"]
 
 
 class SafetensorsDirectory:
@@ -86,27 +31,15 @@ class SafetensorsDirectory:
         self.file_of_key = self._index()
 
     def _index(self) -> dict[str, str]:
-        index_path = self.directory / INDEX_FILE
-        if index_path.exists():
-            return read_weight_map(index_path)
-        single = self.directory / SINGLE_FILE
-        if single.exists():
-            return {key: SINGLE_FILE for key in self._open(SINGLE_FILE).keys()}
-        pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise CheckpointError(
-                f"{self.directory} only has pickle weights ({', '.join(pickles)}); they can run arbitrary code when "
-                "loaded and are refused. Convert them once, in a trusted environment, with "
-                "`model.save_pretrained(dir, safe_serialization=True)`."
-            )
-        raise CheckpointError(f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}")
+        files = weight_files(self.directory)  # index, shards present and regular; or the pickle / no-weights refusal
+        if (self.directory / INDEX_FILE).exists():
+            return read_weight_map(self.directory / INDEX_FILE)
+        return {key: files[0].name for key in self._open(files[0].name).keys()}
 
     def _open(self, filename: str):
         if filename not in self._handles:
             path = self.directory / filename
-            if not path.exists():
-                raise CheckpointError(f"shard {filename} listed in {INDEX_FILE} is missing from {self.directory}")
-            require_regular_file(path)
+            read_safetensors_header(path)  # the whole-file checks, before safetensors maps it
             try:
                 self._handles[filename] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as err:

@@ -27,7 +27,7 @@ import re
 
 import torch
 
-from .configuration_tnl import FULL, TNLConfig
+from .configuration_tnl import FULL, MINIMAX_BLOCK_SIZE, TNLConfig
 
 DECAY_BUFFERS = re.compile(r"\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
 PER_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight$")
@@ -119,7 +119,7 @@ def config_to_minimax(config: TNLConfig) -> dict:
         "num_local_experts": config.num_local_experts,
         "num_experts_per_tok": config.num_experts_per_tok,
         "router_aux_loss_coef": config.router_aux_loss_coef,
-        "block_size": config.block_size,
+        "block_size": MINIMAX_BLOCK_SIZE,
         # transformers' spelling
         "layer_types": list(config.layer_types),
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},

@@ -37,16 +37,24 @@ BAD_CONFIGS = {
                               r"num_key_value_heads \(3\) must divide num_attention_heads \(4\)"),
     "experts_fewer_than_top_k": (dict(num_local_experts=2, num_experts_per_tok=3),
                                  r"num_experts_per_tok \(3\) cannot exceed num_local_experts \(2\)"),
-    "negative_hidden_size": (dict(hidden_size=-48), r"hidden_size must be a positive integer, got -48"),
-    "negative_intermediate_size": (dict(intermediate_size=-1), r"intermediate_size must be a positive integer"),
+    # single-field types and ranges: transformers' strict-dataclass wording, "field '<name>':" then the rule
+    "negative_hidden_size": (dict(hidden_size=-48), r"field 'hidden_size':\s+ValueError: Value must be a positive "
+                                                    r"integer, got -48"),
+    "negative_intermediate_size": (dict(intermediate_size=-1), r"field 'intermediate_size':.*\s.*positive integer"),
     "zero_layers": (dict(num_hidden_layers=0, layer_types=[], mlp_layer_types=[]),
-                    r"num_hidden_layers must be a positive integer, got 0"),
-    "negative_vocab": (dict(vocab_size=-5), r"vocab_size must be a positive integer, got -5"),
-    "negative_shared_expert": (dict(shared_intermediate_size=-16), r"shared_intermediate_size must be >= 0"),
+                    r"field 'num_hidden_layers':\s+ValueError: Value must be a positive integer, got 0"),
+    "negative_vocab": (dict(vocab_size=-5),
+                       r"field 'vocab_size':\s+ValueError: Value must be a positive integer, got -5"),
+    "negative_shared_expert": (dict(shared_intermediate_size=-16),
+                               r"field 'shared_intermediate_size':\s+ValueError: Value must be greater or equal to 0, "
+                               r"got -16"),
     "odd_rotary_dim": (dict(rotary_dim=7), r"rotary_dim must be an even number in \[0, head_dim=12\], got 7"),
     "rotary_dim_beyond_head_dim": (dict(rotary_dim=16), r"rotary_dim must be an even number"),
-    "fractional_heads": (dict(num_attention_heads=2.5), r"num_attention_heads must be a positive integer, got 2.5"),
-    "negative_aux_coef": (dict(router_aux_loss_coef=-0.1), r"router_aux_loss_coef must be >= 0"),
+    "fractional_heads": (dict(num_attention_heads=2.5), r"field 'num_attention_heads':\s+TypeError: Field "
+                                                        r"'num_attention_heads' expected int, got float \(value: 2.5\)"),
+    "negative_aux_coef": (dict(router_aux_loss_coef=-0.1),
+                          r"field 'router_aux_loss_coef':\s+ValueError: Value must be greater or equal to 0.0, "
+                          r"got -0.1"),
 }
 
 
