@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +324,18 @@ def test_rerunning_a_finished_run_changes_nothing(noisy_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert max(_losses(run_dir)) == STEPS + 2
     assert json.loads((run_dir / "summary.json").read_text())["val_loss"] is not None
+
+
+def test_a_zero0_checkpoint_on_another_world_size_is_refused_clearly():
+    """ZeRO-0 writes no *_optim_states.pt, so DeepSpeed's universal conversion cannot change its world size:
+    refused with the fix, instead of ds_to_universal's traceback."""
+    from tnl_training.config import ConfigError, RunConfig, apply_overrides
+    from tnl_training.pretrain import check_resume_settings
+
+    cfg = apply_overrides(RunConfig(), ["zero_stage=0", "micro_batch_size=2"])
+    state = {"world_size": 2, "zero_stage": 0, "global_batch": 4, "micro_batch_size": 2,
+             "gradient_accumulation_steps": 1, "seed": cfg.seed, "seq_len": cfg.seq_len}
+    with pytest.raises(ConfigError, match="world size 1 differs from 2 .*ZeRO-0 checkpoint.*resume on 2 processes"):
+        check_resume_settings(cfg, state, Path("ckpt/step4"), world_size=1)
+    check_resume_settings(cfg, state, Path("ckpt/step4"), world_size=2)  # same world: fine
+    check_resume_settings(cfg, {**state, "zero_stage": 2}, Path("ckpt/step4"), world_size=1)  # universal: fine

@@ -380,6 +380,11 @@ def check_resume_settings(cfg: RunConfig, run_state: dict, checkpoint: Path, gua
         raise _resume_refused(f"{name}={shown(new)} differs from {name}={shown(old)}", checkpoint, why, fix)
     old_micro, old_accum = run_state.get("micro_batch_size"), run_state.get("gradient_accumulation_steps")
     old_world, old_global = run_state.get("world_size"), run_state.get("global_batch")
+    if world_size is not None and old_world not in (None, world_size) and run_state.get("zero_stage") == 0:
+        raise _resume_refused(
+            f"world size {world_size} differs from {old_world}", checkpoint,
+            "a ZeRO-0 checkpoint has no partitioned optimizer state (*_optim_states.pt), which DeepSpeed's universal "
+            "conversion needs to change the world size", f"resume on {old_world} processes")
     if world_size is None or old_world != world_size or old_global is None:
         return  # another world size: loaded from a universal checkpoint, and logged there
     new_global = cfg.world_batch(world_size)
