@@ -63,15 +63,18 @@ class TNLLightningAttention(nn.Module):
             k, v = k * keep, v * keep
         return q, k, v
 
-    def forward(self, x, token_mask=None, cache=None, cu_seqlens=None, output_attentions=False, shard=None, **unused):
-        """x ``[B, T, hidden]``; token_mask ``[B, T]`` (1 = real token) or None.
+    def forward(self, hidden_states, attention_mask=None, cache=None, cu_seqlens=None, shard=None,
+                output_attentions: bool = False, **kwargs):
+        """hidden_states ``[B, T, hidden]``; attention_mask ``[B, T]`` (1 = real token) or None, as
+        ``transformers.masking_utils.create_recurrent_attention_mask`` gives it.
 
         Returns ``(output, state)``: ``state`` is the fp32 recurrent state after these tokens when
         ``output_attentions`` asks for it (transformers' MiniMax convention for a lightning layer's
         "attention weights"), else None.
         """
-        batch, length, _ = x.shape
-        q, k, v = self._project_qkv(x, token_mask)
+        x = hidden_states
+        length = x.shape[1]
+        q, k, v = self._project_qkv(x, attention_mask)
         slopes = self.slopes(x.device)
         if shard is not None:
             # The state entering this shard comes from one all-gather of every shard's own state.

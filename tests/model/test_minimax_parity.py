@@ -105,7 +105,7 @@ def test_partial_rotary_matches_an_independent_attention_reference():
     layer = model.model.layers[1].self_attn
     x = torch.randn(2, 19, model.config.hidden_size)
     positions = torch.arange(19).expand(2, -1)
-    ours, _ = layer(x, rotary=model.model.rotary_emb(x, positions))
+    ours, _ = layer(x, position_embeddings=model.model.rotary_emb(x, positions))
 
     def reference(x, rotary_dim):
         heads, kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
