@@ -129,8 +129,7 @@ def expected_run_bytes(config: TNLConfig, *, seq_len: int, size: int, dtype_byte
 
 
 # ------------------------------------------------------------------- activation memory, from a model
-def saved_bytes_per_token(config: TNLConfig, act_bytes: int, world: int = 1, rank: int | None = None,
-                          cpu_continuation: bool = False, local_tokens: int = 0) -> dict:
+def saved_bytes_per_token(config: TNLConfig, act_bytes: int, world: int = 1, rank: int | None = None) -> dict:
     """Bytes the forward saves for the backward per token of a rank's shard, by component, as this
     implementation does (checked against saved-tensor hooks by the benchmark and its test).
 
@@ -146,10 +145,9 @@ def saved_bytes_per_token(config: TNLConfig, act_bytes: int, world: int = 1, ran
       and per layer (not per token) rank r keeps the r gathered states before its own: ``r·(H·d·d + H)·4``
       (key ``"lightning states per layer"``);
     - softmax mixer, local: input, q (Hd), attention output and o_proj input (2Hd), fp32 log-sum-exp per
-      head: ``(h + 3·H·d)·a + 4·H``. On the CPU (``cpu_continuation``) a rank r > 0 runs PyTorch's SDPA
-      with an explicit boolean ``[T_r, (r+1)·T_r]`` causal mask (its own causal mask is aligned top-left),
-      which the CPU flash kernel saves as an fp32 copy: ``4·(r+1)·T_r`` more per token, quadratic in
-      the shard (``local_tokens`` = T_r); flash-attn on the GPU takes no mask. Its keys and values are
+      head: ``(h + 3·H·d)·a + 4·H``, on a rank r > 0 too: on the CPU its queries attend to the earlier
+      shards' keys and their own through ``tnl_model.continuation_attention`` (no ``[T_r, (r+1)·T_r]`` mask,
+      linear memory), on the GPU through flash-attn. Its keys and values are
       gathered for the whole sequence on every rank (``gather_earlier_shards`` gathers all P shards, then
       narrows): ``2·Hkv·d·a`` per token of the *whole* sequence, i.e. ``P`` times that per local token;
     - MoE (top-k, no shared expert): the input as the fp32 router multiplies it (``4h``, whatever the
@@ -171,8 +169,7 @@ def saved_bytes_per_token(config: TNLConfig, act_bytes: int, world: int = 1, ran
         "lightning": (h + 10 * heads * d) * a + 4
                      + ((4 * heads * d + (4 * heads * d if a != 4 else 0) + 4 * heads) if sharded else 0),
         "lightning states per layer": rank * (heads * d * d + heads) * 4,
-        "softmax local": (h + 3 * heads * d) * a + 4 * heads
-                         + (4 * (rank + 1) * local_tokens if cpu_continuation and rank > 0 else 0),
+        "softmax local": (h + 3 * heads * d) * a + 4 * heads,
         "softmax K/V": 2 * kv_heads * d * a * world,
         "moe": 4 * h + top_k * (3 * h + 4 * inter) * a + 4 * experts + 4 + 28 * top_k + top_k * a,
         "router stats": 8 * experts + 4,
@@ -182,11 +179,10 @@ def saved_bytes_per_token(config: TNLConfig, act_bytes: int, world: int = 1, ran
     }
 
 
-def saved_bytes_model(config: TNLConfig, act_bytes: int, world: int = 1, rank: int = 0, local_tokens: int = 1,
-                      cpu_continuation: bool = True) -> dict:
+def saved_bytes_model(config: TNLConfig, act_bytes: int, world: int = 1, rank: int = 0, local_tokens: int = 1) -> dict:
     """``saved_bytes_per_token`` summed over the model's layers, per category of the hook measurement,
     per token of ``local_tokens`` (per-layer constants spread over them)."""
-    per = saved_bytes_per_token(config, act_bytes, world, rank, cpu_continuation, local_tokens)
+    per = saved_bytes_per_token(config, act_bytes, world, rank)
     n_linear, n_softmax = config.layer_types.count(LINEAR), config.layer_types.count(FULL)
     n_moe = config.mlp_layer_types.count("sparse")
     n_dense = config.num_hidden_layers - n_moe
@@ -655,8 +651,8 @@ def on_paper(config_path: Path = MINIMAX_CONFIG, seq_len: int = 1 << 20, sizes=(
             "fp32 lightning states (communication)",
             "activations: the tensors this implementation saves for the backward (saved_bytes_per_token, checked "
             "against saved-tensor hooks on the CPU path, fp32 and bf16, P = 1 and 2), on the last rank (it keeps the "
-            "most gathered LASP-2 states), with flash-attn for the softmax layers on the GPU (no mask; the CPU path "
-            "of ranks > 0 saves an fp32 [T_r, (r+1)·T_r] mask); the backward's transient gradients come on top "
+            "most gathered LASP-2 states), with flash-attn for the softmax layers on the GPU (no mask; on the CPU "
+            "tnl_model.continuation_attention, no mask either); the backward's transient gradients come on top "
             "(about one layer's activations); no allocator fragmentation",
             "full checkpointing: every decoder layer keeps its input (h per token) and is recomputed in the "
             "backward, one at a time; a softmax layer's recompute gathers K/V again",
