@@ -35,6 +35,8 @@ COVERAGE = {
     "tnl train": "tests/ecosystem/test_cli.py::test_forwarding_subcommands",
     "tnl export": "tests/ecosystem/test_cli.py::test_forwarding_subcommands",
     "deepspeed --num_gpus N --module tnl_training.pretrain": "tests/training/test_distributed.py::test_zero3_loss_falls",
+    "deepspeed --num_gpus 8 --module tnl_training.pretrain --config configs/train/long-context-sp.yaml":
+        "tests/training/test_sequence_parallel_training.py::test_the_long_context_recipe_is_a_valid_sequence_parallel_run",
     "python -m tnl_training.pretrain": "tests/training/test_distributed.py::test_kill_and_resume_replays_the_same_losses",
     "python -m tnl_training.export": "tests/training/test_distributed.py::test_zero2_loss_falls_and_export_loads",
     "python -m tnl_training.tokenizer": "tests/training/test_tokenizer.py::test_cli_reads_ids_from_model_config",
