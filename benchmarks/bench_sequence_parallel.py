@@ -118,13 +118,14 @@ def formula_table(config: TNLConfig, lengths, sizes, dtype_bytes: int) -> list[d
 def expected_run_bytes(config: TNLConfig, *, seq_len: int, size: int, dtype_bytes: int, batch: int = 1) -> dict:
     """What this implementation should hand to torch.distributed per layer, in the ring convention.
 
-    Forward: the formulas (lightning: one fp32 [B, H, D, D] state all-gathered, plus an 8-int64 metadata
-    all-gather per call; softmax: K and V all-gathered). Backward: the gathers' gradients are all-reduced
+    Forward: the formulas (lightning: one fp32 [B, H, D, D] state all-gathered; the model hands the
+    operator its shard lengths, so the operator's 8-int64 metadata all-gather does not run; softmax: K
+    and V all-gathered). Backward: the gathers' gradients are all-reduced
     over the whole gathered buffer (gloo has no reduce-scatter), which in the ring convention is twice
     the forward all-gather: 2(P-1)/P x P x piece."""
     lasp2 = layer_bytes("lasp2_state", config, seq_len=seq_len, size=size, dtype_bytes=dtype_bytes, batch=batch)
     kv = layer_bytes("kv_allgather", config, seq_len=seq_len, size=size, dtype_bytes=dtype_bytes, batch=batch)
-    return {"forward": {"lightning state": lasp2, "lightning metadata": (size - 1) * 8 * 8, "softmax K/V": kv},
+    return {"forward": {"lightning state": lasp2, "lightning metadata": 0, "softmax K/V": kv},
             "backward": {"lightning state": 2 * lasp2, "lightning metadata": 0, "softmax K/V": 2 * kv}}
 
 
@@ -147,9 +148,9 @@ def saved_bytes_per_token(config: TNLConfig, act_bytes: int, world: int = 1, ran
     - softmax mixer, local: input, q (Hd), attention output and o_proj input (2Hd), fp32 log-sum-exp per
       head: ``(h + 3·H·d)·a + 4·H``, on a rank r > 0 too: on the CPU its queries attend to the earlier
       shards' keys and their own through ``tnl_model.continuation_attention`` (no ``[T_r, (r+1)·T_r]`` mask,
-      linear memory), on the GPU through flash-attn. Its keys and values are
-      gathered for the whole sequence on every rank (``gather_earlier_shards`` gathers all P shards, then
-      narrows): ``2·Hkv·d·a`` per token of the *whole* sequence, i.e. ``P`` times that per local token;
+      linear memory), on the GPU through flash-attn. Rank r keeps the keys and values of shards 0..r
+      (``gather_earlier_shards`` gathers all P, keeps a copy of the first r + 1): ``2·Hkv·d·a·(r + 1)`` per
+      local token, ``P`` times that on the last rank;
     - MoE (top-k, no shared expert): the input as the fp32 router multiplies it (``4h``, whatever the
       activation dtype), per assignment the sorted input (h), gate/up (2I), SiLU(gate) (I), the product
       (I), the expert output and its weighted copy (2h): ``k·(3h + 4I)·a``, fp32 router logits and routing
@@ -170,7 +171,7 @@ def saved_bytes_per_token(config: TNLConfig, act_bytes: int, world: int = 1, ran
                      + ((4 * heads * d + (4 * heads * d if a != 4 else 0) + 4 * heads) if sharded else 0),
         "lightning states per layer": rank * (heads * d * d + heads) * 4,
         "softmax local": (h + 3 * heads * d) * a + 4 * heads,
-        "softmax K/V": 2 * kv_heads * d * a * world,
+        "softmax K/V": 2 * kv_heads * d * a * (rank + 1),
         "moe": 4 * h + top_k * (3 * h + 4 * inter) * a + 4 * experts + 4 + 28 * top_k + top_k * a,
         "router stats": 8 * experts + 4,
         "dense": (h + 4 * config.dense_intermediate_size) * a,
@@ -371,7 +372,7 @@ class CommCounter:
 def backward_classifier(config: TNLConfig, world: int, batch: int, length: int):
     """Backward collectives run in autograd, outside module hooks: tell them apart by shape."""
     lightning = (world, batch, config.num_attention_heads, config.head_dim, config.head_dim)
-    softmax = (batch, config.num_key_value_heads, length, config.head_dim)
+    softmax = (world, batch, config.num_key_value_heads, length // world, config.head_dim)
 
     def classify(tensor):
         if tuple(tensor.shape) == lightning:

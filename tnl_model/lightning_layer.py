@@ -80,7 +80,7 @@ class TNLLightningAttention(nn.Module):
             # The state entering this shard comes from one all-gather of every shard's own state.
             out, final_state = lightning_attn_sequence_parallel(q, k, v, slopes, group=shard.group,
                                                                 output_final_state=output_attentions,
-                                                                backend=self.backend)
+                                                                backend=self.backend, shard_lengths=shard.lengths)
             return self._output(x, out), final_state
         cached = lightning_layer(cache, self.layer_idx)
         state = None

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tnl_kernels import gather_shards
+
 
 @dataclass(frozen=True)
 class SequenceShard:
@@ -36,6 +38,11 @@ class SequenceShard:
     @property
     def offset(self) -> int:
         return self.rank * self.length
+
+    @property
+    def lengths(self) -> list[int]:
+        """Every shard's length, in rank order (all equal, checked by :func:`sequence_shard`)."""
+        return [self.length] * self.world_size
 
 
 def sequence_shard(group, length: int) -> SequenceShard:
@@ -55,31 +62,11 @@ def sequence_shard(group, length: int) -> SequenceShard:
     return SequenceShard(group=group, rank=dist.get_rank(group), world_size=world, length=length)
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along ``dim`` whose backward hands each rank the sum, over ranks, of the gradients of its
-    own piece. The backward is an all-reduce followed by a slice rather than a reduce-scatter, because
-    gloo (the CPU backend) has no reduce-scatter; the gathered tensors here are activations of one shard
-    per rank, small next to the layer's compute."""
-
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        ctx.rank, ctx.length = dist.get_rank(group), x.shape[dim]
-        pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(pieces, x.contiguous(), group=group)
-        return torch.cat(pieces, dim=dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.narrow(ctx.dim, ctx.rank * ctx.length, ctx.length), None, None
-
-
 def gather_earlier_shards(x: torch.Tensor, dim: int, shard: SequenceShard) -> torch.Tensor:
-    """``x`` of every shard up to and including this one, concatenated along ``dim`` (differentiable)."""
-    gathered = _GatherSequence.apply(x, dim, shard.group)
-    return gathered.narrow(dim, 0, shard.offset + shard.length)
+    """``x`` of every shard up to and including this one, concatenated along ``dim`` (differentiable: the
+    backward hands each rank the gradients of its piece from every rank, ``tnl_kernels.gather_shards``)."""
+    pieces = gather_shards(x, shard.group)[: shard.rank + 1]
+    return torch.cat(pieces.unbind(0), dim=dim)
 
 
 class _SumOverGroup(torch.autograd.Function):

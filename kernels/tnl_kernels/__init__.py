@@ -8,7 +8,7 @@ from . import reference
 from .api import lightning_attn, lightning_attn_decode
 from .chunked import default_block_size
 from .moe_dispatch import moe_dispatch
-from .sequence_parallel import lightning_attn_sequence_parallel, state_gather_bytes
+from .sequence_parallel import gather_shards, lightning_attn_sequence_parallel, state_gather_bytes
 from .slopes import alibi_base_slopes, build_slopes
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "reference",
     "moe_dispatch",
     "lightning_attn_sequence_parallel",
+    "gather_shards",
     "state_gather_bytes",
 ]

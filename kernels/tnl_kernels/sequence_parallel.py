@@ -14,7 +14,7 @@ of its shard; shard lengths may differ. Rank r
    (:func:`final_state_from_contributions`).
 
 The backward is exact: autograd runs through the operator's gradient with respect to its
-initial state, through a differentiable all-gather (:class:`_AllGatherStates`, whose backward is
+initial state, through a differentiable all-gather (:class:`_GatherShards`, whose backward is
 one all-reduce), and through ``M_r`` into k, v and the initial state. The derivation is in
 ``docs/sequence_parallel.md``.
 
@@ -33,6 +33,7 @@ from .api import BACKENDS, lightning_attn
 
 __all__ = [
     "lightning_attn_sequence_parallel",
+    "gather_shards",
     "local_state_contribution",
     "incoming_state",
     "final_state_from_contributions",
@@ -152,11 +153,12 @@ def metadata_gather_bytes(world: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-class _AllGatherStates(torch.autograd.Function):
-    """Differentiable all-gather of the ``[B, H, D, E]`` contributions into ``[P, B, H, D, E]``.
+class _GatherShards(torch.autograd.Function):
+    """Differentiable all-gather of one tensor per rank into ``[P, *shape]`` (the lightning states here,
+    the softmax layers' keys and values in ``tnl_model.sequence_parallel``).
 
     Backward: every rank holds the gradient of its own loss with respect to all P gathered
-    states; the gradient of the summed loss with respect to this rank's contribution is the sum
+    pieces; the gradient of the summed loss with respect to this rank's piece is the sum
     over ranks of slice ``rank``, i.e. one all-reduce (SUM) followed by taking this rank's slice.
     (That is a reduce-scatter; an all-reduce works on every backend and torch version, where
     older gloo builds have no reduce-scatter; the torch 2.13 here has one.) Not
@@ -176,6 +178,12 @@ class _AllGatherStates(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[ctx.rank], None, None, None
+
+
+def gather_shards(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on each), stacked in rank order as ``[P, *x.shape]``; differentiable
+    (:class:`_GatherShards`): each rank's ``x`` gets the gradient of every rank's loss."""
+    return _GatherShards.apply(x, group, dist.get_world_size(group), dist.get_rank(group))
 
 
 class _JoinGather(torch.autograd.Function):
@@ -262,13 +270,38 @@ def _exchange_metadata(q, k, v, initial_state, error, group, world):
     return _all_gather(local, group, world).tolist()
 
 
+def _agree_on_inputs(q, k, v, initial_state, error, group, world: int, rank: int):
+    """Every rank's shard length and whether any rank needs gradients, from one metadata all-gather; a bad
+    input on any rank raises on every rank (none is left waiting in a collective)."""
+    meta = _exchange_metadata(q, k, v, initial_state, error, group, world)
+    if error is not None:
+        raise ValueError(f"rank {rank} of the sequence-parallel group: {error}")
+    rejected = [r for r, row in enumerate(meta) if not row[0]]
+    if rejected:
+        raise ValueError(f"rank(s) {rejected} of the sequence-parallel group rejected their inputs (see the error "
+                         f"raised there); no state was exchanged")
+    dims = {tuple(row[2:6]) for row in meta}
+    if len(dims) != 1:
+        per_rank = {r: tuple(row[2:6]) for r, row in enumerate(meta)}
+        raise ValueError(f"B, H, D, E must be the same on every rank of the sequence-parallel group; got "
+                         f"(B, H, D, E) per rank {per_rank}")
+    lengths = [row[1] for row in meta]
+    differentiable = any(row[7] for row in meta)
+    if differentiable and not all(row[6] for row in meta):
+        off = [r for r, row in enumerate(meta) if not row[6]]
+        raise RuntimeError(f"rank(s) {off} run with gradients disabled while others need gradients: every rank must "
+                           f"run the backward (it holds a collective), so enable grad on all ranks or none")
+    return lengths, differentiable
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
 
 def lightning_attn_sequence_parallel(q, k, v, slopes, *, group=None, scale=1.0, initial_state=None,
-                                     output_final_state=False, backend="auto", block_size=None, cu_seqlens=None):
+                                     output_final_state=False, backend="auto", block_size=None, cu_seqlens=None,
+                                     shard_lengths: Optional[Sequence[int]] = None):
     """Lightning attention over a sequence sharded across the ranks of ``group`` (LASP-2 style).
 
     Args:
@@ -288,14 +321,17 @@ def lightning_attn_sequence_parallel(q, k, v, slopes, *, group=None, scale=1.0, 
             on it on one rank only, unless that sum is what you mean.
         backend, block_size: passed to :func:`tnl_kernels.lightning_attn` for the shard.
         cu_seqlens: not supported (refused): packed documents cannot span shards.
+        shard_lengths: every rank's ``T_r`` in rank order, when the caller already knows them (the model
+            checks them once per forward): the metadata exchange below is then skipped, and the ranks'
+            inputs (shapes, whether gradients are needed) must agree, as the caller guarantees.
 
     Returns:
         ``(o [B, T_r, H, E] in q.dtype, final_state [B, H, D, E] fp32 or None)``: ``o`` equals this
         shard's rows of ``lightning_attn`` run on the whole unsharded sequence.
 
-    Communication per call: one all-gather of ``P`` int64 metadata rows (shard lengths, shapes,
-    flags; lets every rank raise the same error instead of hanging when any rank's input is bad)
-    and one all-gather of the ``[B, H, D, E]`` fp32 states (:func:`state_gather_bytes`); the
+    Communication per call: without ``shard_lengths``, one all-gather of ``P`` int64 metadata rows (shard
+    lengths, shapes, flags; lets every rank raise the same error instead of hanging when any rank's input
+    is bad), and one all-gather of the ``[B, H, D, E]`` fp32 states (:func:`state_gather_bytes`); the
     backward, when any rank needs gradients, one all-reduce of ``[P, B, H, D, E]`` fp32. Every rank
     of the group must call this (and, when training, run its backward) the same number of times
     in the same order. With a group of size 1 this is exactly :func:`tnl_kernels.lightning_attn`.
@@ -323,31 +359,23 @@ def lightning_attn_sequence_parallel(q, k, v, slopes, *, group=None, scale=1.0, 
         return lightning_attn(q, k, v, slopes, scale=scale, initial_state=initial_state,
                               output_final_state=output_final_state, backend=backend, block_size=block_size)
 
-    meta = _exchange_metadata(q, k, v, initial_state, error, group, world)
-    if error is not None:
-        raise ValueError(f"rank {rank} of the sequence-parallel group: {error}")
-    rejected = [r for r, row in enumerate(meta) if not row[0]]
-    if rejected:
-        raise ValueError(f"rank(s) {rejected} of the sequence-parallel group rejected their inputs (see the error "
-                         f"raised there); no state was exchanged")
-    dims = {tuple(row[2:6]) for row in meta}
-    if len(dims) != 1:
-        per_rank = {r: tuple(row[2:6]) for r, row in enumerate(meta)}
-        raise ValueError(f"B, H, D, E must be the same on every rank of the sequence-parallel group; got "
-                         f"(B, H, D, E) per rank {per_rank}")
-    lengths = [row[1] for row in meta]
-    differentiable = any(row[7] for row in meta)
-    if differentiable and not all(row[6] for row in meta):
-        off = [r for r, row in enumerate(meta) if not row[6]]
-        raise RuntimeError(f"rank(s) {off} run with gradients disabled while others need gradients: every rank must "
-                           f"run the backward (it holds a collective), so enable grad on all ranks or none")
+    if shard_lengths is None:
+        lengths, differentiable = _agree_on_inputs(q, k, v, initial_state, error, group, world, rank)
+    else:
+        lengths = [int(n) for n in shard_lengths]
+        if error is None and (len(lengths) != world or lengths[rank] != q.shape[1]):
+            error = (f"shard_lengths {lengths} do not describe this group of {world} ranks with {q.shape[1]} "
+                     f"tokens on rank {rank}")
+        if error is not None:
+            raise ValueError(f"rank {rank} of the sequence-parallel group: {error}")
+        differentiable = _needs_grad(k, v, initial_state)
 
     contribution = local_state_contribution(k, v, slopes, initial_state)
     if differentiable:
         if not contribution.requires_grad:
             # Another rank needs gradients through this gather: take part in its backward anyway.
             contribution = contribution.detach().requires_grad_()
-        gathered = _AllGatherStates.apply(contribution, group, world, rank)
+        gathered = _GatherShards.apply(contribution, group, world, rank)
     else:
         gathered = _all_gather(contribution, group, world)
     out, final = shard_attention(q, k, v, slopes, gathered, lengths, rank, scale=scale, initial_state=initial_state,
