@@ -100,7 +100,7 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mas
         num_experts = probs.shape[-1]
         chosen = torch.topk(probs, top_k, dim=-1).indices
         assigned = F.one_hot(chosen, num_experts).sum(dim=1).float()  # [N, E]
-        if group is None and weights is None:
+        if group is None and weights is None:  # the unsharded, unpadded form, kept bit for bit
             f, p = assigned.mean(dim=0), probs.mean(dim=0)
         else:
             if weights is not None:
