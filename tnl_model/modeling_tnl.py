@@ -310,7 +310,7 @@ class TNLForCausalLM(TNLPreTrainedModel, GenerationMixin):
         if generation_config.prompt_lookup_num_tokens is not None and generation_config.assistant_early_exit is None:
             from .speculative import BackoffCandidateGenerator
 
-            generator = BackoffCandidateGenerator(generator)
+            generator = BackoffCandidateGenerator(generator, cache=kwargs.get("model_kwargs", {}).get("cache"))
         return generator
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)

@@ -225,6 +225,32 @@ def test_backoff_drafts_while_rounds_pay_and_pauses_when_they_do_not():
     assert sum(pattern) <= 6
 
 
+def test_paused_rounds_do_not_record_and_drafting_rounds_do():
+    """A round without drafts is never rolled back, so the lightning layers keep nothing for it."""
+    from tnl_model.speculative import BackoffCandidateGenerator
+
+    model = build_model(tiny_config())
+    cache = DynamicCache(config=model.config)
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        model(ids, cache=cache)  # the cache now holds the model's own layers
+    cache.activate_past_recording()
+    lightning = [layer for layer in cache.layers if isinstance(layer, LightningStateLayer)]
+    assert lightning and all(layer.record_past for layer in lightning)
+    generator = BackoffCandidateGenerator(_FakeLookup(), cache=cache)
+    generator.skip = 1
+    generator.get_candidates(ids)
+    assert not generator.drafted and not any(layer.record_past for layer in lightning)
+    with torch.no_grad():
+        model(ids[:, -1:], cache=cache)
+    assert all(layer.record is None for layer in lightning)
+    generator.get_candidates(ids)
+    assert generator.drafted and all(layer.record_past for layer in lightning)
+    with torch.no_grad():
+        model(ids[:, -3:], cache=cache)
+    assert all(layer.record is not None and layer.record.length == 3 for layer in lightning)
+
+
 def test_backoff_measures_the_cost_of_a_drafting_round():
     from tnl_model.speculative import ASSUMED_ROUND_COST, BackoffCandidateGenerator
 
