@@ -157,6 +157,42 @@ def test_beam_search_with_a_recording_cache_is_unaffected():
     assert torch.equal(model.generate(ids, cache=cache, **beams), reference)
 
 
+def _left_padded(lengths, pad):
+    prompts = [random_ids(1, n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    batch = torch.full((len(lengths), width), pad)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return batch, mask
+
+
+@pytest.mark.parametrize("layout", ["layer0_linear", "layer0_softmax"])
+@torch.no_grad()
+def test_left_padded_batch_with_a_recording_cache_is_unaffected_and_crops_exactly(layout):
+    model = build_model(tiny_config(layer_types=LAYOUTS[layout]))
+    pad = model.config.pad_token_id
+    batch, mask = _left_padded((5, 13, 9), pad)
+    settings = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    reference = model.generate(batch, **settings)
+    cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()
+    assert torch.equal(model.generate(batch, cache=cache, **settings), reference)
+
+    # a verification-like round on the padded batch: 4 tokens forward, the last 2 cropped, equals 2 tokens forward
+    follow = random_ids(3, 4, seed=99)
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    kept, cropped = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    for cache in (kept, cropped):
+        model(batch, attention_mask=mask, cache=cache)
+    model(follow[:, :2], attention_mask=full_mask[:, :-2], cache=kept)
+    cropped.activate_past_recording()
+    model(follow, attention_mask=full_mask, cache=cropped)
+    cropped.crop(-2)
+    _assert_same_cache(cropped, kept, LAYOUTS[layout])
+
+
 @torch.no_grad()
 def test_prompt_lookup_backs_off_after_rejected_rounds_and_stays_exact(monkeypatch):
     """After rejected rounds drafting pauses (plain decode steps), and the output is plain greedy's."""
