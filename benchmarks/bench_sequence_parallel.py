@@ -120,13 +120,13 @@ def expected_run_bytes(config: TNLConfig, *, seq_len: int, size: int, dtype_byte
 
     Forward: the formulas (lightning: one fp32 [B, H, D, D] state all-gathered; the model hands the
     operator its shard lengths, so the operator's 8-int64 metadata all-gather does not run; softmax: K
-    and V all-gathered). Backward: the gathers' gradients are all-reduced
-    over the whole gathered buffer (gloo has no reduce-scatter), which in the ring convention is twice
-    the forward all-gather: 2(P-1)/P x P x piece."""
+    and V all-gathered). Backward: the gathers' gradients are reduce-scattered, (P-1)/P x P x piece in
+    the ring convention: what the forward all-gather sent. (gloo emulates the reduce-scatter with an
+    all-reduce, twice that on its wire; the shims count what is handed to torch.distributed.)"""
     lasp2 = layer_bytes("lasp2_state", config, seq_len=seq_len, size=size, dtype_bytes=dtype_bytes, batch=batch)
     kv = layer_bytes("kv_allgather", config, seq_len=seq_len, size=size, dtype_bytes=dtype_bytes, batch=batch)
     return {"forward": {"lightning state": lasp2, "lightning metadata": 0, "softmax K/V": kv},
-            "backward": {"lightning state": 2 * lasp2, "lightning metadata": 0, "softmax K/V": 2 * kv}}
+            "backward": {"lightning state": lasp2, "lightning metadata": 0, "softmax K/V": kv}}
 
 
 # ------------------------------------------------------------------- activation memory, from a model
@@ -611,17 +611,15 @@ def on_paper(config_path: Path = MINIMAX_CONFIG, seq_len: int = 1 << 20, sizes=(
         comm = {
             "LASP-2 state all-gather, forward": n_linear * lasp2,
             "LASP-2, backward as reduce-scatter": n_linear * lasp2,
-            "LASP-2, backward as implemented (all-reduce)": 2 * n_linear * lasp2,
             "softmax K/V all-gather, forward": n_softmax * kv,
             "K/V, backward as reduce-scatter": n_softmax * kv,
-            "K/V, backward as implemented (all-reduce)": 2 * n_softmax * kv,
             "Ulysses all-to-all, forward": None if ulysses is None else n_softmax * ulysses,
             "Ulysses, backward": None if ulysses is None else n_softmax * ulysses,
             "ZeRO-3 parameter all-gather, forward": zero_pass,
             "ZeRO-3 parameter all-gather, backward": zero_pass,
             "ZeRO-3 gradient reduce-scatter (bf16)": zero_pass,
         }
-        sp_step = 3 * n_linear * lasp2 + 3 * n_softmax * kv  # as implemented: forward + all-reduce backward
+        sp_step = 2 * n_linear * lasp2 + 2 * n_softmax * kv  # as implemented: forward + reduce-scatter backward
         sp_step_ckpt = sp_step + n_linear * lasp2 + n_softmax * kv  # + the gathers again in the recompute
         comm["sequence parallel per step, as implemented"] = sp_step
         comm["sequence parallel per step, with checkpointing recompute"] = sp_step_ckpt
@@ -880,7 +878,7 @@ def main(argv=None):
                          "measurement (repeated measurements at one length agree to 0.01 MiB, so the cap-search "
                          "probes take none of their own)",
         "byte_convention": "bytes one rank sends, ring algorithm: all-gather (P-1) x local piece, all-reduce "
-                           "2(P-1)/P x buffer; counted from the tensors handed to torch.distributed (shims in the "
+                           "2(P-1)/P x buffer, reduce-scatter (P-1)/P x input; counted from the tensors handed to torch.distributed (shims in the "
                            "worker processes), not gloo's wire traffic",
         "loadavg_start": os.getloadavg(), "source": source_state(), "runs": {},
     }
@@ -972,7 +970,7 @@ def main(argv=None):
     print_formula_table(formulas, config, dtype_bytes)
     if payload["bytes_check"]:
         print_table("Bytes sent per layer in the run (rank 0, one step) vs expected (forward: the formula; backward: "
-                    "all-reduce of the gathered buffer = 2 x forward)",
+                    "reduce-scatter of the gathered gradient = forward)",
                     ["P", "length", "phase", "part", "calls", "measured B", "expected B", "match"],
                     [[r["P"], r["length"], r["phase"], r["part"], r["calls"], round(r["measured_per_layer"]),
                       "-" if r["expected_per_layer"] is None else round(r["expected_per_layer"]),

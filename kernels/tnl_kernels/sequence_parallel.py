@@ -15,7 +15,7 @@ of its shard; shard lengths may differ. Rank r
 
 The backward is exact: autograd runs through the operator's gradient with respect to its
 initial state, through a differentiable all-gather (:class:`_GatherShards`, whose backward is
-one all-reduce), and through ``M_r`` into k, v and the initial state. The derivation is in
+one reduce-scatter), and through ``M_r`` into k, v and the initial state. The derivation is in
 ``docs/sequence_parallel.md``.
 
 The pure functions compose in a single process (that is how the tests simulate P ranks);
@@ -138,8 +138,8 @@ def shard_attention(q, k, v, slopes, contributions, lengths, rank, *, scale=1.0,
 def state_gather_bytes(batch: int, heads: int, dim_k: int, dim_v: int, world: int) -> int:
     """Bytes of the state all-gather of one call (forward), as counted for the traffic benchmark:
     the gathered fp32 buffer, ``P·B·H·D·E·4``. It does not depend on the sequence length. (A ring
-    all-gather puts ``(P-1)/P`` of it on each rank's link; the backward all-reduces a buffer of
-    the same size. The small metadata gather is :func:`metadata_gather_bytes`.)"""
+    all-gather puts ``(P-1)/P`` of it on each rank's link; the backward reduce-scatters a buffer of
+    the same size, the same traffic again. The small metadata gather is :func:`metadata_gather_bytes`.)"""
     return world * batch * heads * dim_k * dim_v * 4
 
 
@@ -159,13 +159,12 @@ class _GatherShards(torch.autograd.Function):
 
     Backward: every rank holds the gradient of its own loss with respect to all P gathered
     pieces; the gradient of the summed loss with respect to this rank's piece is the sum
-    over ranks of slice ``rank``, i.e. one all-reduce (SUM) followed by taking this rank's slice.
-    (That is a reduce-scatter; an all-reduce works on every backend and torch version, where
-    older gloo builds have no reduce-scatter; the torch 2.13 here has one.) Not
+    over ranks of slice ``rank``: one reduce-scatter (SUM), which sends what the forward's
+    all-gather sent, half an all-reduce's volume (NCCL runs it as a ring; gloo emulates it with
+    an all-reduce, so on CPU the traffic is an all-reduce's). Not
     ``torch.distributed.nn.functional.all_gather``: on every backend but NCCL/XCCL its backward
     emulates the reduce-scatter with P scatter collectives (P rounds instead of one), and it returns
-    a tuple of P tensors to re-stack. For ``P·B·H·D·E`` fp32 values the all-reduce's extra volume
-    over a reduce-scatter (2(P-1)/P against (P-1)/P of the buffer per rank) does not matter.
+    a tuple of P tensors to re-stack.
     """
 
     @staticmethod
@@ -175,9 +174,11 @@ class _GatherShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.rank], None, None, None
+        grad = grad.contiguous()
+        mine = torch.empty(grad.shape[1:], dtype=grad.dtype, device=grad.device)
+        # [1, *shape] out of [P, *shape]: the layout gloo checks (dim 0 times P), and NCCL accepts
+        dist.reduce_scatter_tensor(mine.unsqueeze(0), grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine, None, None, None
 
 
 def gather_shards(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -189,7 +190,7 @@ def gather_shards(x: torch.Tensor, group=None) -> torch.Tensor:
 class _JoinGather(torch.autograd.Function):
     """Identity on ``out`` whose backward also hands a zero gradient to ``gathered``.
 
-    Rank 0's outputs do not read the gathered states, but rank 0 must still join the all-reduce
+    Rank 0's outputs do not read the gathered states, but rank 0 must still join the reduce-scatter
     of the gather's backward (it receives there the gradient of every later rank's loss with
     respect to ``M_0``, and the other ranks would wait for it forever otherwise): this node puts
     the gather into rank 0's graph without changing any value or gradient. (A ``0 * x`` term
@@ -332,7 +333,7 @@ def lightning_attn_sequence_parallel(q, k, v, slopes, *, group=None, scale=1.0, 
     Communication per call: without ``shard_lengths``, one all-gather of ``P`` int64 metadata rows (shard
     lengths, shapes, flags; lets every rank raise the same error instead of hanging when any rank's input
     is bad), and one all-gather of the ``[B, H, D, E]`` fp32 states (:func:`state_gather_bytes`); the
-    backward, when any rank needs gradients, one all-reduce of ``[P, B, H, D, E]`` fp32. Every rank
+    backward, when any rank needs gradients, one reduce-scatter of ``[P, B, H, D, E]`` fp32. Every rank
     of the group must call this (and, when training, run its backward) the same number of times
     in the same order. With a group of size 1 this is exactly :func:`tnl_kernels.lightning_attn`.
     """
