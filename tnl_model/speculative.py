@@ -14,9 +14,9 @@ net gain is negative, drafting pauses for 1, 2, 4, ... up to :data:`MAX_BACKOFF`
 once drafting pays again the pauses stop. Drafts are only ever skipped, never changed, so the output
 is exactly plain decoding's.
 
-During a pause the cache's lightning layers stop recording (generate() turns recording on for the
-whole call): a round without drafts is never rolled back, so keeping its state and k, v for a
-``crop`` would be pure cost, about 2% of a decode step of the demo model.
+In a round without drafts (a pause, or no n-gram match) the cache's lightning layers do not record
+(generate() turns recording on for the whole call): such a round is never rolled back, so keeping
+its state and k, v for a ``crop`` would be pure cost, about 2% of a decode step of the demo model.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class BackoffCandidateGenerator(CandidateGenerator):
             return input_ids, None
         candidates, logits = self.inner.get_candidates(input_ids, **kwargs)
         self.drafted = candidates.shape[1] > input_ids.shape[1]
-        self._record_next_forward(True)
+        self._record_next_forward(self.drafted)  # no n-gram match: a plain step, never rolled back either
         return candidates, logits
 
     def _record_next_forward(self, record: bool) -> None:

@@ -232,6 +232,16 @@ class _FakeLookup:
         pass
 
 
+class _NoMatch:
+    """Finds no n-gram to continue: proposes nothing."""
+
+    def get_candidates(self, input_ids, **kwargs):
+        return input_ids, None
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        pass
+
+
 def _drafting_pattern(matches_per_round, cost, steps=40):
     """Which of ``steps`` rounds drafted, when each drafting round gets the next entry of ``matches_per_round``
     accepted tokens and a drafting round costs ``cost`` plain steps."""
@@ -285,6 +295,10 @@ def test_paused_rounds_do_not_record_and_drafting_rounds_do():
     with torch.no_grad():
         model(ids[:, -3:], cache=cache)
     assert all(layer.record is not None and layer.record.length == 3 for layer in lightning)
+    cache.crop(0)
+    no_match = BackoffCandidateGenerator(_NoMatch(), cache=cache)  # the lookup finds nothing: a plain step
+    no_match.get_candidates(ids)
+    assert not no_match.drafted and not any(layer.record_past for layer in lightning)
 
 
 def test_backoff_measures_the_cost_of_a_drafting_round():
