@@ -7,7 +7,8 @@ other models), and every other name (``"flash_attention_2"``, ...) is transforme
 - ``"sdpa"`` (:func:`sdpa_attention`): flash-attn when it is installed and the inputs are CUDA fp16/bf16
   without a padding mask (varlen for packed documents); on the CPU the two paths this package measured
   faster than PyTorch's SDPA (``benchmarks/bench_vs_minimax.py``): one query over the cache
-  (:func:`one_query`) and a continuation after cached tokens (:func:`after_cache_cpu`); packed documents
+  (:func:`one_query`) and a continuation after cached tokens
+  (:func:`tnl_model.continuation_attention.attention_after_prefix`); packed documents
   one SDPA call each; PyTorch SDPA otherwise.
 - ``"eager"`` (:func:`eager_attention`): an explicit softmax that returns the weights (``output_attentions``).
 
@@ -59,7 +60,9 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0
     if length == 1 and cu_seqlens is None and dropout == 0.0:
         out = one_query(query, key, value, attention_mask, scaling)
     elif attention_mask is None and cu_seqlens is None and past > 0 and dropout == 0.0 and not query.is_cuda:
-        out = after_cache_cpu(query, key, value, past, scaling)
+        # SDPA would need an explicit [T, past+T] mask here (its causal mask is aligned top-left): the math
+        # kernel, the whole score matrix, and under autograd an fp32 copy of the mask saved for the backward
+        out = attention_after_prefix(query, key, value, past, scaling)
     elif attention_mask is None and cu_seqlens is not None and past == 0:
         out = per_document(query, key, value, cu_seqlens, dropout, scaling)
     else:
@@ -139,19 +142,6 @@ def one_query(query, key, value, mask, scaling):
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim)
-
-
-def after_cache_cpu(query, key, value, past: int, scaling):
-    """Queries at positions ``past ..`` over the cached keys and their own, on the CPU.
-
-    SDPA would need an explicit ``[T, past+T]`` mask here (its causal mask is aligned top-left),
-    which sends it to the math kernel: the whole score matrix in memory, growing with the cache, and
-    under autograd an fp32 copy of the mask saved for the backward. Instead the cached prefix is
-    attended without a mask and the new block causally, each by the tiled CPU flash kernel, and the
-    two partial softmaxes are merged exactly by their log-sum-exp, with an exact backward of linear
-    memory (:func:`tnl_model.continuation_attention.attention_after_prefix`): what sequence-parallel
-    ranks after the first run over the gathered keys of earlier shards."""
-    return attention_after_prefix(query, key, value, past, scaling)
 
 
 #: TNL's attention functions: transformers' registry with "sdpa" and "eager" overridden for this package only

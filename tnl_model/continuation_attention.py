@@ -3,8 +3,9 @@
 Queries at positions ``past .. past+T-1`` attend to all ``past`` earlier keys (no mask) and causally to
 their own block. PyTorch SDPA needs an explicit boolean ``[T, past+T]`` mask for this (its causal mask
 is aligned top-left), and under autograd the CPU flash kernel saves that mask as an fp32 copy: activation
-memory quadratic in the length. Here the two parts are attended separately by the tiled CPU flash kernel,
-as :func:`tnl_model.attention_functions.after_cache_cpu` does,
+memory quadratic in the length. Here the two parts are attended separately by the tiled CPU flash kernel
+(TNL's ``"sdpa"`` runs this for a continuation after cached tokens, as do sequence-parallel ranks over
+the keys of earlier shards),
 
 - the earlier keys without a mask, the query heads sharing a key/value head stacked as extra query rows
   of that head (the earlier keys are never repeated for GQA);
@@ -17,7 +18,7 @@ The backward is exact, ring-attention style: the flash kernel's backward is call
 *merged* output and the *merged* log-sum-exp, so each part's probabilities ``exp(s - lse)`` are normalised
 by the whole softmax and its ``D = rowsum(dO * O)`` is the merged one; that makes each part's dq, dk, dv
 that part's exact share of the full gradient. The parts' dq are added; their dk/dv go to their key ranges.
-(Merging ``after_cache_cpu``'s outputs under plain autograd is not enough: the kernel's log-sum-exp output
+(Merging the two flash outputs under plain autograd is not enough: the kernel's log-sum-exp output
 carries no gradient, so the scores' share of the q and k gradients is lost.)
 """
 
@@ -27,15 +28,26 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def _merge_dtype(query):
+    """The precision the two parts are merged in."""
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+def _own_block(key, value, past: int, groups: int):
+    """The new block's keys and values, repeated per query head (a square causal block is small)."""
+    k_new, v_new = key[:, :, past:], value[:, :, past:]
+    if groups > 1:
+        k_new, v_new = k_new.repeat_interleave(groups, dim=1), v_new.repeat_interleave(groups, dim=1)
+    return k_new, v_new
+
+
 def _forward(query, key, value, past: int, scaling):
     """``(out [B, H, T, d] in query's dtype, lse [B, H, T] fp32, fp64 for fp64)``: attention after ``past`` keys."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    k_new, v_new = key[:, :, past:], value[:, :, past:]
-    if groups > 1:
-        k_new, v_new = k_new.repeat_interleave(groups, dim=1), v_new.repeat_interleave(groups, dim=1)
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # the merge's precision
+    k_new, v_new = _own_block(key, value, past, groups)
+    acc = _merge_dtype(query)
     out_new, lse_new = _flash(query, k_new, v_new, 0.0, True, scale=scaling)
     if past == 0:
         return out_new, lse_new.to(acc)
@@ -71,9 +83,7 @@ class AttentionAfterPrefix(torch.autograd.Function):
         grad_out = grad_out.to(query.dtype)
 
         # own block: causal, its keys repeated per query head as in the forward
-        k_new, v_new = key[:, :, past:], value[:, :, past:]
-        if groups > 1:
-            k_new, v_new = k_new.repeat_interleave(groups, dim=1), v_new.repeat_interleave(groups, dim=1)
+        k_new, v_new = _own_block(key, value, past, groups)
         dq, dk_new, dv_new = _flash_backward(grad_out, query, k_new, v_new, out, lse, 0.0, True, scale=scaling)
         if groups > 1:  # head h used key/value head h // groups
             dk_new = dk_new.reshape(batch, kv_heads, groups, length, dim).sum(2)
@@ -87,7 +97,7 @@ class AttentionAfterPrefix(torch.autograd.Function):
 
         dq_old, dk_old, dv_old = _flash_backward(rows(grad_out), rows(query), key[:, :, :past], value[:, :, :past],
                                                  rows(out), rows(lse), 0.0, False, scale=scaling)
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        acc = _merge_dtype(query)
         dq = (dq.to(acc) + dq_old.reshape(batch, heads, length, dim).to(acc)).to(query.dtype)
         dk = torch.cat([dk_old, dk_new.to(dk_old.dtype)], dim=2)
         dv = torch.cat([dv_old, dv_new.to(dv_old.dtype)], dim=2)

@@ -170,13 +170,12 @@ class TNLModel(TNLPreTrainedModel):
         positions default to the shard's global positions. Training only: no cache, no padding mask, no packed
         documents."""
         batch, length = self._check_inputs(input_ids, inputs_embeds)
-        shard = None
-        if sequence_parallel_group is not None:
-            shard = self._sequence_shard(sequence_parallel_group, length, attention_mask, cache, use_cache,
-                                         cu_seqlens if cu_seqlens is not None else kwargs.get("cu_seq_lens_q"))
-            use_cache = False
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+        shard = None
+        if sequence_parallel_group is not None:
+            shard = self._sequence_shard(sequence_parallel_group, length, attention_mask, cache, use_cache, cu_seqlens)
+            use_cache = False
         if cu_seqlens is None:
             cu_seqlens = packed_documents(position_ids, attention_mask, cache, use_cache, batch, length)
 

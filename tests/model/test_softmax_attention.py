@@ -5,7 +5,7 @@ equal one masked softmax over all keys, computed in fp64 as the reference."""
 import pytest
 import torch
 
-from tnl_model.attention_functions import after_cache_cpu
+from tnl_model.continuation_attention import attention_after_prefix
 from tnl_model.softmax_attention import TNLSoftmaxAttention
 from tnl_model.testing import tiny_config
 
@@ -31,7 +31,7 @@ def test_continuation_after_cache_matches_masked_softmax(past, length, dtype, kv
     q = torch.randn(2, length, 4, 16, generator=generator).to(dtype).transpose(1, 2)
     k = torch.randn(2, kv_heads, past + length, 16, generator=generator).to(dtype) * 2  # peaked rows
     v = torch.randn(2, kv_heads, past + length, 16, generator=generator).to(dtype)
-    out = after_cache_cpu(q, k, v, past, layer.scaling)
+    out = attention_after_prefix(q, k, v, past, layer.scaling)
     ref = _reference(layer, q, k, v, past)
     error = (out.double() - ref).norm() / ref.norm()
     assert out.dtype == dtype and error < TOL[dtype], error
